@@ -1,0 +1,125 @@
+"""Build a Decoder from a preset (random weights) or a Hugging Face folder (safetensors only, never pickle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, ModelConfig, load_hf_config, preset
+from .model import Decoder
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says what was expected and found."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"unsupported dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def hf_name_map(config: ModelConfig) -> dict[str, str]:
+    """Hugging Face tensor name -> decodekit parameter name."""
+    L = config.num_layers
+    names = {"model.embed_tokens.weight": "embed.weight", "model.layers.0.input_layernorm.weight": "input_norm.weight",
+             "model.norm.weight": f"layers.{L - 1}.ffn_norm.weight"}
+    if not config.tie_word_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    attn = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"]
+    attn += ["q_proj.bias", "k_proj.bias", "v_proj.bias"] if config.attention_bias else []
+    attn += ["q_norm.weight", "k_norm.weight"] if config.qk_norm else []
+    for i in range(L):
+        hf, me = f"model.layers.{i}", f"layers.{i}"
+        names.update({f"{hf}.self_attn.{n}": f"{me}.attn.{n}" for n in attn})
+        names.update({f"{hf}.mlp.{n}.weight": f"{me}.ffn.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")})
+        names[f"{hf}.post_attention_layernorm.weight"] = f"{me}.attn_norm.weight"
+        if i + 1 < L:
+            names[f"model.layers.{i + 1}.input_layernorm.weight"] = f"{me}.ffn_norm.weight"
+    return names
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        hint = f" (found {', '.join(pickles)}: pickle checkpoints are refused; convert them to safetensors)" if pickles else ""
+        raise CheckpointError(f"{folder}: no *.safetensors weights{hint}")
+    return files
+
+
+def load_hf(folder: str | Path, dtype: str = "fp32", rope_positions: int | None = None) -> Decoder:
+    """Load a Llama / Mistral / Qwen2 / Qwen3 Hugging Face folder into a Decoder."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder; pass a Hugging Face model folder or preset:NAME")
+    config = load_hf_config(folder)
+    model = _empty(config, dtype, rope_positions)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = hf_name_map(config)
+    seen: set[str] = set()
+    extra: list[str] = []
+    with torch.no_grad():
+        for path in _safetensors_files(folder):
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if name not in expected:
+                        if not (config.tie_word_embeddings and name == "lm_head.weight"):
+                            extra.append(name)
+                        continue
+                    t = f.get_tensor(name)
+                    p = params[expected[name]]
+                    if tuple(t.shape) != tuple(p.shape):
+                        raise CheckpointError(f"{name}: expected shape {tuple(p.shape)} from config.json, found {tuple(t.shape)}")
+                    p.copy_(t)
+                    seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing or extra:
+        parts = ([f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})"] if missing else []) + \
+                ([f"unexpected {len(extra)} tensors (e.g. {', '.join(sorted(extra)[:3])})"] if extra else [])
+        raise CheckpointError(f"{folder}: not a {config.family} checkpoint matching its config.json: " + "; ".join(parts))
+    return model.eval()
+
+
+def _empty(config: ModelConfig, dtype: str, rope_positions: int | None) -> Decoder:
+    with torch.device("meta"):
+        model = Decoder(config, rope_positions)
+    model = model.to_empty(device="cpu").to(torch_dtype(dtype))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    cos, sin = model.rope_cos_sin_fp32()
+    model.rope_cos, model.rope_sin = cos, sin
+    return model
+
+
+def random_model(config: ModelConfig, dtype: str = "fp32", seed: int = 0, rope_positions: int | None = None) -> Decoder:
+    """Random weights (normal, std 0.02; norms around 1) for presets and benchmarks."""
+    model = _empty(config, dtype, rope_positions)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def load_source(source: str, dtype: str = "fp32", rope_positions: int | None = None, seed: int = 0) -> Decoder:
+    """SOURCE is a Hugging Face folder or preset:NAME."""
+    if source.startswith("preset:"):
+        return random_model(preset(source.removeprefix("preset:")), dtype, seed, rope_positions)
+    return load_hf(source, dtype, rope_positions)

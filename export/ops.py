@@ -1,0 +1,88 @@
+"""The decoder's primitive ops, each with an eager PyTorch form and an ONNX form.
+
+Under ``torch.onnx.export`` each op is emitted as exactly one ONNX node of the "std" dialect
+(opset 23/24 RMSNormalization, RotaryEmbedding, TensorScatter, Attention and trt::DistCollective);
+eagerly it is plain PyTorch math, so the same module tree is both the reference and the traced graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ONNX_OPSET = 24
+COLLECTIVE_DOMAIN = "trt"
+
+
+def exporting() -> bool:
+    return torch.onnx.is_in_onnx_export()
+
+
+def rms_norm(x_BSH: torch.Tensor, weight_H: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, result in the input dtype (as transformers does)."""
+    if exporting():
+        return torch.onnx.ops.symbolic(
+            "RMSNormalization", [x_BSH, weight_H], {"axis": -1, "epsilon": float(eps), "stash_type": 1},
+            dtype=x_BSH.dtype, shape=x_BSH.shape, version=23)
+    xf = x_BSH.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight_H * xf.to(x_BSH.dtype)
+
+
+def rotary(x_BHSD: torch.Tensor, cos_PD2: torch.Tensor, sin_PD2: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved (rotate-half) rotary embedding at explicit positions."""
+    if exporting():
+        return torch.onnx.ops.symbolic(
+            "RotaryEmbedding", [x_BHSD, cos_PD2, sin_PD2, pos_BS], {"interleaved": 0},
+            dtype=x_BHSD.dtype, shape=x_BHSD.shape, version=23)
+    cos = cos_PD2[pos_BS].unsqueeze(1)  # B,1,S,D/2
+    sin = sin_PD2[pos_BS].unsqueeze(1)
+    x1, x2 = x_BHSD.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x_BHSD.dtype)
+
+
+def cache_update(cache_BHTD: torch.Tensor, new_BHSD: torch.Tensor, write_B: torch.Tensor) -> torch.Tensor:
+    """Write new_BHSD into rows [write_B[b], write_B[b]+S) of each sequence's cache, in place."""
+    if exporting():
+        return torch.onnx.ops.symbolic(
+            "TensorScatter", [cache_BHTD, new_BHSD, write_B], {"axis": -2, "mode": "linear"},
+            dtype=cache_BHTD.dtype, shape=cache_BHTD.shape, version=24)
+    B, S = new_BHSD.shape[0], new_BHSD.shape[2]
+    rows_BS = write_B[:, None] + torch.arange(S, device=write_B.device)
+    batch_BS = torch.arange(B, device=write_B.device)[:, None].expand(B, S)
+    cache_BHTD[batch_BS, :, rows_BS] = new_BHSD.transpose(1, 2).to(cache_BHTD.dtype)
+    return cache_BHTD
+
+
+def attention(q_BHSD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor, mask_B1ST: torch.Tensor,
+              nonpad_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """Grouped-query attention of S queries over the cache, masked by position (mask_B1ST, True = attend)."""
+    if exporting():
+        return torch.onnx.ops.symbolic(
+            "Attention", [q_BHSD, k_BKTD, v_BKTD, mask_B1ST, None, None, nonpad_B],
+            {"is_causal": 0, "scale": float(scale)}, dtype=q_BHSD.dtype, shape=q_BHSD.shape, version=24)
+    T = mask_B1ST.shape[-1]  # the eager caller may pass a mask over a prefix of the cache only
+    return F.scaled_dot_product_attention(q_BHSD, k_BKTD[:, :, :T], v_BKTD[:, :, :T], attn_mask=mask_B1ST,
+                                          scale=scale, enable_gqa=True)
+
+
+def all_reduce(x: torch.Tensor, group: "ReduceGroup | None") -> torch.Tensor:
+    """Sum over tensor-parallel ranks; the identity at world size 1."""
+    if group is None or group.world_size == 1:
+        return x
+    if exporting():
+        return torch.onnx.ops.symbolic(
+            f"{COLLECTIVE_DOMAIN}::DistCollective", [x],
+            {"collective_operation": "all_reduce", "reduce_op": "sum", "nb_rank": group.world_size, "root": -1},
+            dtype=x.dtype, shape=x.shape, version=1)
+    return group.all_reduce(x)
+
+
+class ReduceGroup:
+    """What an all-reduce needs: the world size and a sum. Subclasses: in-process threads, torch.distributed."""
+
+    world_size: int = 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError

@@ -1,0 +1,74 @@
+"""Trace one rank's Decoder into an ONNX model of the "std" dialect (the contract in DESIGN.md).
+
+Inputs:  input_ids [batch, seq] int64, position_ids [batch, seq] int64, write_indices [batch] int64,
+         nonpad_kv_seqlen [batch] int64, past_key_values.{i}.key/.value [batch, kv_heads_local, max_seq, head_dim]
+Outputs: logits [batch, seq|1, vocab], present.{i}.key/.value (same shape as past; bind both to one buffer)
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .model import Decoder
+from .ops import ONNX_OPSET
+
+IR_VERSION = 10  # onnxruntime-gpu 1.31 reads ir_version <= 10
+STEP_INPUTS = ("input_ids", "position_ids", "write_indices", "nonpad_kv_seqlen")
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+class _Step(nn.Module):
+    """Flat-signature wrapper: the graph's inputs and outputs in contract order."""
+
+    def __init__(self, model: Decoder, logits: str) -> None:
+        super().__init__()
+        self.model, self.logits = model, logits
+
+    def forward(self, input_ids, position_ids, write_indices, nonpad_kv_seqlen, past: list[torch.Tensor]):
+        cache = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, present = self.model(input_ids, position_ids, write_indices, nonpad_kv_seqlen, cache, self.logits)
+        return (logits, *[t for kv in present for t in kv])
+
+
+def trace(model: Decoder, max_batch: int, max_seq: int, logits: Literal["all", "last"] = "all"):
+    """Return the torch.onnx ONNXProgram of one step (prefill and decode share the graph)."""
+    L = len(model.layers)
+    B, S = min(2, max_batch), min(3, max_seq)  # example sizes > 1 so neither dim is specialized
+    cache = model.new_cache(B, max_seq)
+    example = (torch.zeros(B, S, dtype=torch.long), torch.arange(S).repeat(B, 1), torch.zeros(B, dtype=torch.long),
+               torch.full((B,), S, dtype=torch.long), [t for kv in cache for t in kv])
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    seq = torch.export.Dim("seq", min=1, max=max_seq)
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch}, {0: batch}, [{0: batch}] * (2 * L))
+    with warnings.catch_warnings(), _quiet_torch_onnx(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _Step(model, logits).eval(), example, dynamo=True, dynamic_shapes=dynamic, opset_version=ONNX_OPSET,
+            input_names=[*STEP_INPUTS, *past_names(L)], output_names=["logits", *present_names(L)],
+            optimize=True, verbose=False)
+    program.model.ir_version = IR_VERSION
+    return program
+
+
+class _quiet_torch_onnx:
+    """The exporter logs registry warnings (torchvision ops) at WARNING; keep the CLI readable."""
+
+    def __enter__(self):
+        self._logger = logging.getLogger("torch.onnx")
+        self._level = self._logger.level
+        self._logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self._logger.setLevel(self._level)
