@@ -16,7 +16,7 @@ from typing import Callable
 
 import onnx
 
-from .checkpoint import DTYPES, load_source
+from .checkpoint import DTYPES, load_source, source_config
 from .config import ConfigError
 from .manifest import FileEntry, Manifest, RankEntry, TensorSpec, file_entry, write_manifest
 from .model import Decoder
@@ -73,14 +73,18 @@ def export_artifact(source: str, out: str | Path, options: ExportOptions = Expor
                     progress: Progress = lambda msg: None) -> Manifest:
     out = Path(out)
     started = time.perf_counter()
-    progress(f"loading {source} ({options.dtype})")
-    model = load_source(source, options.dtype, rope_positions=options.max_seq, seed=options.seed)
-    config = model.config
+    config = source_config(source)
     check_tp(config, options.tp)
     if options.max_seq > config.max_position_embeddings:
         raise ConfigError(f"--max-seq {options.max_seq} exceeds the model's max_position_embeddings "
                           f"{config.max_position_embeddings}")
     tmp = prepare_output(out, options.force)
+    try:
+        progress(f"loading {source} ({options.dtype}, {config.num_parameters() / 1e6:.1f}M parameters)")
+        model = load_source(source, options.dtype, rope_positions=options.max_seq, seed=options.seed)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         ranks = [_export_rank(model, r, options, tmp, progress) for r in range(options.tp)]
         tokenizer = _tokenizer(source, model, tmp)

@@ -118,6 +118,16 @@ def random_model(config: ModelConfig, dtype: str = "fp32", seed: int = 0, rope_p
     return model.eval()
 
 
+def source_config(source: str) -> ModelConfig:
+    """The ModelConfig of SOURCE without loading weights (validates the source early)."""
+    if source.startswith("preset:"):
+        return preset(source.removeprefix("preset:"))
+    folder = Path(source)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder; pass a Hugging Face model folder or preset:NAME")
+    return load_hf_config(folder)
+
+
 def load_source(source: str, dtype: str = "fp32", rope_positions: int | None = None, seed: int = 0) -> Decoder:
     """SOURCE is a Hugging Face folder or preset:NAME."""
     if source.startswith("preset:"):

@@ -1,0 +1,35 @@
+"""Session fixtures shared by the whole suite. Helpers live in tests/helpers.py (``import helpers``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+# --import-mode=importlib does not put test folders on sys.path; make ``import helpers`` work everywhere.
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+from helpers import FAMILIES, build_hf_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Factory: ``hf_checkpoint("llama") -> Path`` of a seeded random transformers checkpoint folder.
+
+    One folder per family per session, shared by every test: treat it as read-only (copy it to
+    tmp_path before modifying anything).
+    """
+    cache: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+        if family not in cache:
+            cache[family] = build_hf_checkpoint(family, tmp_path_factory.mktemp(f"hf-{family}"))
+        return cache[family]
+
+    return make
