@@ -126,6 +126,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.static_kv = False  # True: fixed shapes and no host sync per step (torch.compile / CUDA graphs)
         self.rope_positions = rope_positions or min(config.max_position_embeddings, 8192)
         cos, sin = self.rope_cos_sin_fp32()
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -145,7 +146,9 @@ class Decoder(nn.Module):
     def forward(self, input_ids_BS: torch.Tensor, position_ids_BS: torch.Tensor, write_indices_B: torch.Tensor,
                 nonpad_kv_seqlen_B: torch.Tensor, cache: KVCache,
                 logits: Literal["all", "last"] = "all") -> tuple[torch.Tensor, KVCache]:
-        T = cache[0][0].shape[2] if ops.exporting() else int(nonpad_kv_seqlen_B.max())
+        # eager: attend over the valid prefix only (one host sync); traced / compiled: the whole static cache
+        static = ops.exporting() or self.static_kv
+        T = cache[0][0].shape[2] if static else int(nonpad_kv_seqlen_B.max())
         kv_pos_T = torch.arange(T, device=input_ids_BS.device)
         mask_B1ST = (kv_pos_T[None, None, None, :] <= position_ids_BS[:, None, :, None])
         rope = Rope(self.rope_cos.to(self.dtype), self.rope_sin.to(self.dtype), position_ids_BS)

@@ -45,11 +45,11 @@ class _Step(nn.Module):
 def trace(model: Decoder, max_batch: int, max_seq: int, logits: Literal["all", "last"] = "all"):
     """Return the torch.onnx ONNXProgram of one step (prefill and decode share the graph)."""
     L = len(model.layers)
-    B, S = min(2, max_batch), min(3, max_seq)  # example sizes > 1 so neither dim is specialized
+    B, S = 2, min(3, max_seq)  # example sizes > 1 so neither dim is specialized (max_batch is the runtime's limit)
     cache = model.new_cache(B, max_seq)
     example = (torch.zeros(B, S, dtype=torch.long), torch.arange(S).repeat(B, 1), torch.zeros(B, dtype=torch.long),
                torch.full((B,), S, dtype=torch.long), [t for kv in cache for t in kv])
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    batch = torch.export.Dim("batch", min=1, max=max(max_batch, 2))
     seq = torch.export.Dim("seq", min=1, max=max_seq)
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch}, {0: batch}, [{0: batch}] * (2 * L))
     with warnings.catch_warnings(), _quiet_torch_onnx(), torch.no_grad():

@@ -1,0 +1,101 @@
+"""PyTorch decode baselines for the GPU benchmark: our Decoder eager, torch.compile + CUDA graphs
+(gpt-fast style), and transformers' generate() with a static cache. Each returns ms per decode step."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..export.checkpoint import random_model, torch_dtype
+from ..export.config import ModelConfig
+from ..export.model import Decoder
+
+
+@dataclass
+class TorchDecode:
+    """A greedy decode loop over our Decoder with preallocated device inputs (no host sync when compiled)."""
+
+    model: Decoder
+    batch: int
+    max_seq: int
+    compiled: bool = False
+
+    def __post_init__(self) -> None:
+        dev = self.model.embed.weight.device
+        self.cache = self.model.new_cache(self.batch, self.max_seq, dev)
+        self.ids = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
+        self.write = torch.zeros(self.batch, dtype=torch.long, device=dev)
+        self.nonpad = torch.ones(self.batch, dtype=torch.long, device=dev)
+        self.model.static_kv = self.compiled
+        step = self._step
+        self.step_fn = torch.compile(step, mode="reduce-overhead", fullgraph=True) if self.compiled else step
+
+    def _step(self, ids, pos, write, nonpad):
+        logits, _ = self.model(ids, pos, write, nonpad, self.cache, logits="last")
+        return logits[:, -1].argmax(-1)
+
+    @torch.inference_mode()
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        B, S = prompt.shape
+        dev = prompt.device
+        self.model.static_kv = False
+        logits, _ = self.model(prompt, torch.arange(S, device=dev).repeat(B, 1), torch.zeros(B, dtype=torch.long, device=dev),
+                               torch.full((B,), S, device=dev), self.cache, logits="last")
+        self.model.static_kv = self.compiled
+        self.pos.fill_(S)
+        self.write.fill_(S)
+        self.nonpad.fill_(S + 1)
+        return logits[:, -1].argmax(-1)
+
+    @torch.inference_mode()
+    def decode(self, first: torch.Tensor, steps: int) -> tuple[list[list[int]], list[float]]:
+        """Greedy steps; returns tokens per step and per-step ms (CUDA events)."""
+        self.ids[:, 0] = first
+        out, times = [], []
+        for _ in range(steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            tok = self.step_fn(self.ids, self.pos, self.write, self.nonpad)
+            self.ids[:, 0] = tok
+            self.pos += 1
+            self.write += 1
+            self.nonpad += 1
+            end.record()
+            out.append(tok.clone())
+            times.append((start, end))
+        torch.cuda.synchronize()
+        return [t.tolist() for t in out], [s.elapsed_time(e) for s, e in times]
+
+
+def torch_model(config: ModelConfig, dtype: str, max_seq: int, seed: int = 0) -> Decoder:
+    return random_model(config, dtype, seed, rope_positions=max_seq).cuda()
+
+
+def hf_static_ms(config: ModelConfig, dtype: str, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """transformers generate() with cache_implementation='static': (t(N) - t(1)) / (N - 1) per decode step."""
+    import transformers
+
+    cls = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+           "qwen3": "Qwen3ForCausalLM"}[config.family]
+    cfg_cls = getattr(transformers, cls.replace("ForCausalLM", "Config"))
+    hf_cfg = cfg_cls(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                     intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+                     num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+                     head_dim=config.head_dim, tie_word_embeddings=config.tie_word_embeddings,
+                     max_position_embeddings=prompt_len + new_tokens + 8)
+    with torch.device("cuda"):
+        model = getattr(transformers, cls)(hf_cfg).to(torch_dtype(dtype)).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, prompt_len), device="cuda")
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static")
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    run(new_tokens)  # warm-up
+    return (min(run(new_tokens) for _ in range(2)) - min(run(1) for _ in range(2))) / (new_tokens - 1)
