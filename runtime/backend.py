@@ -18,8 +18,7 @@ import numpy as np
 from ..export.manifest import Manifest, read_manifest
 
 
-class BackendError(RuntimeError):
-    """A backend that cannot run here (missing package, device, incompatible artifact); says what to do."""
+from ..errors import BackendError  # noqa: F401 - re-exported: runtime users import it from here
 
 
 @dataclass
