@@ -7,7 +7,6 @@ interrupted export never leaves a half-written artifact at OUT.
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import onnx
 
 from .checkpoint import DTYPES, load_source, source_config
 from .config import ConfigError
+from .folders import EXTERNAL_DATA_THRESHOLD, ONNX_DTYPES, commit_output, prepare_output
 from .manifest import FileEntry, Manifest, RankEntry, TensorSpec, file_entry, write_manifest
 from .model import Decoder
 from .ops import ONNX_OPSET
@@ -25,8 +25,6 @@ from .sharding import check_tp, shard
 from .tokenizer import copy_tokenizer, write_tiny_tokenizer
 from .trace import trace
 
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom for the graph
-ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 
 Progress = Callable[[str], None]
 
@@ -48,25 +46,6 @@ class ExportOptions:
             raise ConfigError(f"--logits must be 'all' or 'last', got {self.logits!r}")
         if self.max_batch < 1 or self.max_seq < 2:
             raise ConfigError("--max-batch must be >= 1 and --max-seq >= 2")
-
-
-def prepare_output(out: Path, force: bool) -> Path:
-    """Refuse a non-empty OUT unless forced; return the temporary folder to write into."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ConfigError(f"{out} exists and is not empty; pass --force to replace it or choose another -o")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit_output(tmp: Path, out: Path) -> None:
-    """Atomically put tmp at out (replacing an old folder when forced)."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_artifact(source: str, out: str | Path, options: ExportOptions = ExportOptions(),

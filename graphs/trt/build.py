@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import onnx
 
-from ...export.artifact import commit_output, prepare_output
+from ...export.folders import commit_output, prepare_output
 from ...export.config import ConfigError
 from ...export.manifest import Manifest, file_entry, read_manifest, write_manifest
 from ...errors import BackendError

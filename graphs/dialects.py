@@ -1,0 +1,50 @@
+"""The dialects an artifact can be optimized into: a registry of name -> lowering passes (no if/elif on names).
+
+    std         ai.onnx opset 24 as exported (TensorScatter + Attention, RMSNormalization, RotaryEmbedding),
+                re-optimized (folded, fused back from decompositions, CSE/DCE), optionally converted in precision
+    ort-gqa     com.microsoft GroupQueryAttention on the shared KV buffer + SkipSimplifiedLayerNormalization:
+                ONNX Runtime's tuned fast path (limits in graphs/passes/lower_ort_gqa.py)
+    decomposed  ai.onnx opset 21 only (ScatterElements cache write, MatMul/Softmax attention), for runtimes
+                without the opset-23/24 ops
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..export.config import ConfigError
+from .passes.base import ReportingPass
+from .passes.lower_decomposed import LowerDecomposedPass
+from .passes.lower_ort_gqa import LowerOrtGqaPass
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    summary: str
+    kv_write: str  # the manifest's kv_layout["write"]: how a step writes its K/V rows
+    lowering: Callable[[bool], tuple[ReportingPass, ...]]  # debug -> passes after the std front end
+
+
+DIALECTS: dict[str, Dialect] = {
+    d.name: d
+    for d in (
+        Dialect("std", "ai.onnx opset 24: TensorScatter + Attention, RMSNormalization, RotaryEmbedding",
+                "TensorScatter(axis=-2, linear)", lambda debug: ()),
+        Dialect("ort-gqa", "com.microsoft GroupQueryAttention (shared past/present buffer) + "
+                "SkipSimplifiedLayerNormalization", "GroupQueryAttention(past/present shared buffer)",
+                lambda debug: (LowerOrtGqaPass(debug=debug),)),
+        Dialect("decomposed", "ai.onnx opset 21: ScatterElements cache write, MatMul/Softmax attention",
+                "ScatterElements(axis=2)", lambda debug: (LowerDecomposedPass(debug=debug),)),
+    )
+}
+
+READABLE = ("std", "decomposed")  # dialects `optimize` accepts as input (both fuse back to std first)
+
+
+def get_dialect(name: str) -> Dialect:
+    try:
+        return DIALECTS[name]
+    except KeyError:
+        raise ConfigError(f"unknown dialect {name!r}; known dialects: {', '.join(DIALECTS)}") from None

@@ -1,0 +1,125 @@
+"""`decodekit optimize` as a library function: artifact -> new artifact in another dialect / precision.
+
+    front:  fold constants -> shape inference -> fuse std ops back -> dead code -> precision
+    dialect lowering (graphs/dialects.py)
+    back:   fold constants -> CSE -> dead code -> shape inference -> contract check (I/O, ir_version 10)
+
+Every rank runs the same pipeline (tensor-parallel collectives are left as they are). The new artifact is
+written under a temporary sibling folder and renamed into place, like an export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx_ir as ir
+
+from ..export.folders import EXTERNAL_DATA_THRESHOLD, ONNX_DTYPES, commit_output, prepare_output
+from ..export.config import ConfigError
+from ..export.manifest import Manifest, RankEntry, TensorSpec, file_entry, read_manifest, write_manifest
+from .dialects import READABLE, Dialect, get_dialect
+from .passes.base import PassReport, ReportingPass, op_counts
+from .passes.contract import ContractPass, io_signature
+from .passes.cse import CsePass
+from .passes.dead_code import DeadCodeEliminationPass
+from .passes.fold_constants import FoldConstantsPass
+from .passes.fuse_std import FuseStdPass
+from .passes.precision import PRECISIONS, ConvertPrecisionPass
+from .passes.shape_inference import ShapeInferencePass
+
+Progress = Callable[[str], None]
+
+
+def build_passes(dialect: Dialect, dtype: str | None, signature: tuple[list[str], list[str]],
+                 debug: bool = False) -> list[ReportingPass]:
+    return [
+        FoldConstantsPass(debug), ShapeInferencePass(debug), FuseStdPass(debug), DeadCodeEliminationPass(debug),
+        ConvertPrecisionPass(dtype, debug),
+        *dialect.lowering(debug),
+        FoldConstantsPass(debug), CsePass(debug), DeadCodeEliminationPass(debug), ShapeInferencePass(debug),
+        ContractPass(signature, debug),
+    ]
+
+
+def optimize_model(model: ir.Model, dialect: str, dtype: str | None = None, debug: bool = False) -> list[PassReport]:
+    """Run the pipeline in place on one rank's model; returns one report per pass."""
+    passes = build_passes(get_dialect(dialect), dtype, io_signature(model), debug)
+    try:
+        ir.passes.Sequential(*passes)(model)
+    except Exception as e:  # onnx_ir wraps pass failures; surface a user-facing one as itself
+        cause: BaseException | None = e
+        while cause is not None:
+            if isinstance(cause, ConfigError):
+                raise cause from None
+            cause = cause.__cause__
+        raise
+    return [p.report for p in passes if p.report is not None]
+
+
+def optimize(artifact: str | Path, out: str | Path, dialect: str, dtype: str | None = None, debug: bool = False,
+             force: bool = False, progress: Progress = lambda msg: None) -> tuple[Manifest, dict[str, Any]]:
+    """Write a new artifact at OUT in `dialect` (and `dtype`); returns its manifest and the per-pass report."""
+    src, out = Path(artifact), Path(out)
+    target = get_dialect(dialect)
+    if dtype is not None and dtype not in PRECISIONS:
+        raise ConfigError(f"unsupported dtype {dtype!r}; use one of {', '.join(PRECISIONS)}")
+    manifest = read_manifest(src)
+    if manifest.dialect not in READABLE:
+        raise ConfigError(f"{src} is a {manifest.dialect!r} artifact; optimize reads {' or '.join(READABLE)} "
+                          f"artifacts: optimize the std export instead")
+    if out.resolve() == src.resolve():
+        raise ConfigError(f"-o {out} is the input artifact; write the optimized artifact to another folder")
+    tmp = prepare_output(out, force)
+    try:
+        ranks, reports, model = [], [], None
+        for entry in manifest.ranks:
+            progress(f"rank {entry.rank + 1}/{manifest.tp}: {manifest.dialect} -> {target.name}")
+            model = ir.load(str(src / entry.onnx.file))
+            passes = optimize_model(model, target.name, dtype, debug)
+            ranks.append(_save_rank(model, tmp, entry.rank))
+            reports.append({"rank": entry.rank, "passes": [p.to_dict() for p in passes], "ops": dict(op_counts(model))})
+        for f in manifest.tokenizer:
+            shutil.copy2(src / f.file, tmp / f.file)
+        new = _manifest(manifest, model, target, dtype, ranks, reports)
+        write_manifest(tmp, new)
+        commit_output(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress(f"wrote {out}")
+    return new, {"artifact": str(out), "source": str(src), "dialect": new.dialect, "dtype": new.dtype,
+                 "counts": summary(reports[0]["passes"]), "ranks": reports}
+
+
+REWRITING = ("fuse-std", "lower-ort-gqa", "lower-decomposed")
+
+
+def summary(passes: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Non-zero rule counts of the rewriting passes of one rank: {"lower-ort-gqa": {"GroupQueryAttention": L, ...}}."""
+    return {p["name"]: {k: v for k, v in p["counts"].items() if v} for p in passes
+            if p["name"] in REWRITING and any(p["counts"].values())}
+
+
+def _save_rank(model: ir.Model, folder: Path, rank: int) -> RankEntry:
+    name = f"rank{rank}.onnx"
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    data = f"{name}.data" if weights > EXTERNAL_DATA_THRESHOLD else None
+    ir.save(model, str(folder / name), external_data=data)
+    return RankEntry(rank, file_entry(folder, name), [file_entry(folder, data)] if data else [])
+
+
+def _manifest(m: Manifest, model: ir.Model, dialect: Dialect, dtype: str | None, ranks: list[RankEntry],
+              reports: list[dict[str, Any]]) -> Manifest:
+    return dataclasses.replace(
+        m, dialect=dialect.name, dtype=dtype or m.dtype, opset=model.opset_imports[""], ranks=ranks,
+        inputs=_specs(model.graph.inputs), outputs=_specs(model.graph.outputs),
+        kv_layout={**m.kv_layout, "write": dialect.kv_write},
+        passes=[{"rank": r["rank"], **p} for r in reports for p in r["passes"]])
+
+
+def _specs(values) -> list[TensorSpec]:
+    return [TensorSpec(v.name, ONNX_DTYPES.get(int(v.dtype), str(v.dtype)),
+                       [d if isinstance(d, int) else str(d) for d in v.shape]) for v in values]

@@ -1,0 +1,117 @@
+"""The std attention block of one layer -> com.microsoft GroupQueryAttention on the shared KV buffer.
+
+Matched (per layer, what the exporter emits):
+
+    q = RotaryEmbedding(Transpose(q_BSHD)),  k = RotaryEmbedding(Transpose(k_BSKD)),  v = Transpose(v_BSKD)
+    present.k = TensorScatter(past.k, k, write_indices)          present.v likewise
+    out_BS(HD) = Reshape(Transpose(Attention(q, present.k, present.v, causal_position_mask, nonpad_kv_seqlen)))
+
+Replaced by (3-D q/k/v, the past buffers, and per-step scalars computed from the contract's inputs):
+
+    seqlens_k   = int32(nonpad_kv_seqlen - 1)                      valid cache length after the step, minus 1
+    total_len   = int32(max(max_b nonpad_kv_seqlen, S))             an upper bound of every seqlens_k + 1
+    query_lens  = int32(min(nonpad_kv_seqlen - write_indices, S))   valid (non-padding) rows of the chunk
+    out, present.k, present.v = GroupQueryAttention(q, k, v, past.k, past.v, seqlens_k, total_len,
+                                    cos, sin, query_seqlens=query_lens, do_rotary=1)
+
+With ``fuse_rotary=False`` the rotation is a separate com.microsoft RotaryEmbedding on the 3-D q/k (with the
+contract's position_ids) and GQA runs with do_rotary=0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, pattern
+
+from .util import attr, const_equals, dims, fail, ints, static
+
+MS = "com.microsoft"
+INT32 = ir.DataType.INT32
+PERM = [0, 2, 1, 3]
+
+
+class LowerAttentionToGqa(RewriteRuleClassBase):
+    def __init__(self, name: str, fuse_rotary: bool = True) -> None:
+        super().__init__(name, remove_nodes=False)
+        self.fuse_rotary = fuse_rotary
+
+    def pattern(self, op, q_bshd, k_bshd, v_bshd, cos, sin, pos, past_k, past_v, write, mask, nonpad, out_shape):
+        q = op.RotaryEmbedding(op.Transpose(q_bshd, perm=PERM), cos, sin, pos, _outputs=["q_rot"])
+        k = op.RotaryEmbedding(op.Transpose(k_bshd, perm=PERM), cos, sin, pos, _outputs=["k_rot"])
+        v = op.Transpose(v_bshd, perm=PERM)
+        present_k = op.TensorScatter(past_k, k, write, _outputs=["present_k"])
+        present_v = op.TensorScatter(past_v, v, write, _outputs=["present_v"])
+        attn = op.Attention(q, present_k, present_v, mask, None, None, nonpad, _outputs=["attn"])
+        out = op.Reshape(op.Transpose(attn, perm=PERM), out_shape)
+        return out, present_k, present_v
+
+    def check(self, context, q_bshd, k_bshd, v_bshd, cos, pos, past_k, mask, q_rot, k_rot, present_k, present_v,
+              attn, **_) -> MatchResult:
+        H, K, D, T = static(q_bshd, 2), static(past_k, 1), static(q_bshd, 3), static(past_k, 2)
+        if None in (H, K, D, T) or static(k_bshd, 2) != K or static(v_bshd, 2) != K:
+            return fail("heads, head_dim or cache length are not static", q_bshd)
+        if H % K:
+            return fail(f"{H} query heads are not a multiple of {K} kv heads", q_bshd)
+        if D % 16:
+            return fail(f"head_dim {D}: ORT GroupQueryAttention requires a multiple of 16", q_bshd)
+        for rot in (q_rot, k_rot):
+            n = rot.producer()
+            if attr(n, "interleaved", 0) or attr(n, "rotary_embedding_dim", 0) not in (0, D):
+                return fail("interleaved or partial rotary", n)
+        if static(cos, 1) != D // 2 or (static(cos, 0) or 0) < T:
+            return fail(f"cos/sin caches are not [>= {T}, {D // 2}]", cos)
+        for tsc in (present_k.producer(), present_v.producer()):
+            if attr(tsc, "axis", -2) not in (-2, 2) or attr(tsc, "mode", "linear") != "linear":
+                return fail("cache update is not a linear write along the sequence axis", tsc)
+        node = attn.producer()
+        if attr(node, "is_causal", 0) or attr(node, "softcap", 0.0) or len(node.outputs) != 1:
+            return fail("attention is causal-by-attribute, soft-capped or has extra outputs", node)
+        return _check_causal_position_mask(mask, pos, T)
+
+    def rewrite(self, op, q_bshd, k_bshd, v_bshd, cos, sin, pos, past_k, past_v, write, nonpad, attn, **_):
+        H, K, D = static(q_bshd, 2), static(past_k, 1), static(q_bshd, 3)
+        q3, k3, v3 = (_flatten_heads(op, t) for t in (q_bshd, k_bshd, v_bshd))
+        seq_1 = op.Shape(pos, start=1, end=2)  # S, from an input every layer shares (CSE merges these)
+        seqlens_k = op.Cast(op.Sub(nonpad, ints(op, [1])), to=INT32)
+        total = op.Cast(op.ReduceMax(op.Concat(nonpad, seq_1, axis=0), keepdims=0), to=INT32)
+        query_lens = op.Cast(op.Min(op.Sub(nonpad, write), seq_1), to=INT32)
+        if self.fuse_rotary:
+            caches, rotary = (cos, sin), {"do_rotary": 1, "rotary_interleaved": 0}
+        else:
+            q3, k3 = (op.RotaryEmbedding(t, pos, cos, sin, interleaved=0, _domain=MS) for t in (q3, k3))
+            caches, rotary = (None, None), {"do_rotary": 0}
+        scale = float(attr(attn.producer(), "scale", 1.0 / math.sqrt(D)))
+        out, present_k, present_v = op.GroupQueryAttention(
+            q3, k3, v3, past_k, past_v, seqlens_k, total, *caches, *([None] * 7), query_lens,
+            num_heads=H, kv_num_heads=K, scale=scale, **rotary, _domain=MS, _outputs=3)
+        return out, present_k, present_v
+
+
+def _flatten_heads(op, x_BSHD: ir.Value) -> ir.Value:
+    """[B,S,H,D] -> [B,S,H*D]: reuse the 3-D projection the exporter reshaped, else Reshape(0, 0, -1)."""
+    producer, heads, head_dim = x_BSHD.producer(), static(x_BSHD, 2), static(x_BSHD, 3)
+    if producer is not None and producer.op_type == "Reshape" and producer.domain == "" and heads and head_dim:
+        flat = producer.inputs[0]
+        if dims(flat) is not None and len(dims(flat)) == 3 and static(flat, 2) == heads * head_dim:
+            return flat
+    return op.Reshape(x_BSHD, ints(op, [0, 0, -1]))
+
+
+def _check_causal_position_mask(mask: ir.Value, pos: ir.Value, T: int) -> MatchResult:
+    """GQA masks by cache row (row <= P + s); accept only the contract's mask arange(T) <= position_ids."""
+    node = mask.producer()
+    if node is None or node.op_type != "LessOrEqual":
+        return fail("attention mask is not LessOrEqual(arange(T), position_ids) (GQA applies its own causal mask)",
+                    mask)
+    rows, positions = node.inputs
+    unsq = positions.producer() if positions is not None else None
+    if not const_equals(rows, [[[list(range(T))]]]) or unsq is None or unsq.op_type != "Unsqueeze" \
+            or unsq.inputs[0] is not pos:
+        return fail("attention mask is not arange(T)[None,None,None,:] <= position_ids[:,None,:,None]", node)
+    return MatchResult()
+
+
+def rules(fuse_rotary: bool = True) -> list[pattern.RewriteRule]:
+    return [LowerAttentionToGqa.rule("GroupQueryAttention", fuse_rotary=fuse_rotary)]
