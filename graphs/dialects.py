@@ -35,6 +35,10 @@ DIALECTS: dict[str, Dialect] = {
         Dialect("ort-gqa", "com.microsoft GroupQueryAttention (shared past/present buffer) + "
                 "SkipSimplifiedLayerNormalization", "GroupQueryAttention(past/present shared buffer)",
                 lambda debug: (LowerOrtGqaPass(debug=debug),)),
+        Dialect("ort-gqa-uniform", "ort-gqa without GroupQueryAttention's query_seqlens input (the 16-input form "
+                "onnxruntime < 1.32 reads, e.g. onnxruntime-gpu 1.31): prompts of one batch must have equal lengths",
+                "GroupQueryAttention(past/present shared buffer)",
+                lambda debug: (LowerOrtGqaPass(debug=debug, query_seqlens=False),)),
         Dialect("decomposed", "ai.onnx opset 21: ScatterElements cache write, MatMul/Softmax attention",
                 "ScatterElements(axis=2)", lambda debug: (LowerDecomposedPass(debug=debug),)),
     )

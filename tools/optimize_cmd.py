@@ -10,7 +10,7 @@ import click
 @click.command("optimize")
 @click.argument("artifact", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="new artifact folder to write")
-@click.option("--dialect", required=True, help="target dialect: std, ort-gqa or decomposed")
+@click.option("--dialect", required=True, help="target dialect: std, ort-gqa, ort-gqa-uniform (onnxruntime < 1.32) or decomposed")
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]),
               help="convert weights, activations, KV cache and logits (default: keep the artifact's)")
 @click.option("--debug", is_flag=True, help="also report why each rewrite rule did not match where it came closest")

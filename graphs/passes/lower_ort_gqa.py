@@ -45,12 +45,12 @@ CONTRIB = "com.microsoft"
 class LowerOrtGqaPass(ReportingPass):
     name = "lower-ort-gqa"
 
-    def __init__(self, fuse_rotary: bool = True, debug: bool = False) -> None:
+    def __init__(self, fuse_rotary: bool = True, debug: bool = False, query_seqlens: bool = True) -> None:
         super().__init__(debug)
-        self.fuse_rotary = fuse_rotary
+        self.fuse_rotary, self.query_seqlens = fuse_rotary, query_seqlens
 
     def _rules(self):
-        return [*gqa.rules(self.fuse_rotary), *skip_norm.rules()]
+        return [*gqa.rules(self.fuse_rotary, self.query_seqlens), *skip_norm.rules()]
 
     def requires(self, model: ir.Model) -> None:
         if model.opset_imports.get("", 0) < 24:

@@ -33,9 +33,10 @@ PERM = [0, 2, 1, 3]
 
 
 class LowerAttentionToGqa(RewriteRuleClassBase):
-    def __init__(self, name: str, fuse_rotary: bool = True) -> None:
+    def __init__(self, name: str, fuse_rotary: bool = True, query_seqlens: bool = True) -> None:
         super().__init__(name, remove_nodes=False)
         self.fuse_rotary = fuse_rotary
+        self.query_seqlens = query_seqlens  # False: the 16-input form of onnxruntime < 1.32 (uniform batches)
 
     def pattern(self, op, q_bshd, k_bshd, v_bshd, cos, sin, pos, past_k, past_v, write, mask, nonpad, out_shape):
         q = op.RotaryEmbedding(op.Transpose(q_bshd, perm=PERM), cos, sin, pos, _outputs=["q_rot"])
@@ -84,7 +85,7 @@ class LowerAttentionToGqa(RewriteRuleClassBase):
             caches, rotary = (None, None), {"do_rotary": 0}
         scale = float(attr(attn.producer(), "scale", 1.0 / math.sqrt(D)))
         out, present_k, present_v = op.GroupQueryAttention(
-            q3, k3, v3, past_k, past_v, seqlens_k, total, *caches, *([None] * 7), query_lens,
+            q3, k3, v3, past_k, past_v, seqlens_k, total, *caches, *([None] * 7 + [query_lens] if self.query_seqlens else []),
             num_heads=H, kv_num_heads=K, scale=scale, **rotary, _domain=MS, _outputs=3)
         return out, present_k, present_v
 
@@ -113,5 +114,5 @@ def _check_causal_position_mask(mask: ir.Value, pos: ir.Value, T: int) -> MatchR
     return MatchResult()
 
 
-def rules(fuse_rotary: bool = True) -> list[pattern.RewriteRule]:
-    return [LowerAttentionToGqa.rule("GroupQueryAttention", fuse_rotary=fuse_rotary)]
+def rules(fuse_rotary: bool = True, query_seqlens: bool = True) -> list[pattern.RewriteRule]:
+    return [LowerAttentionToGqa.rule("GroupQueryAttention", fuse_rotary=fuse_rotary, query_seqlens=query_seqlens)]

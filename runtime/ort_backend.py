@@ -1,0 +1,284 @@
+"""The ONNX Runtime backend (CPU or CUDA EP), driven through IOBinding so the KV cache is never copied.
+
+Per ``allocate(batch)``: one OrtValue per cache tensor [batch, kv_heads_local, max_seq, head_dim], zero-filled
+on the device and bound as BOTH ``past_key_values.{i}.key`` and ``present.{i}.key``: TensorScatter then
+writes the step's rows into the buffer in place. Decode-shaped ([B, 1]) step inputs and the [B, 1, V] logits
+are preallocated once too, so a decode step allocates nothing; prefill binds fresh buffers of its own shape.
+
+On CUDA, logits come back as a torch.Tensor on the device (torch-owned buffer bound by pointer); on the CPU
+as an np.ndarray. The decode logits buffer is reused: its contents are valid until the next step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..export.manifest import Manifest
+from .backend import Backend, BackendError, StepState, register
+
+# The contract's I/O names (as export/trace.py writes them; not imported from there: it imports torch).
+STEP_INPUTS = ("input_ids", "position_ids", "write_indices", "nonpad_kv_seqlen")
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+ONNX_TYPES = {"fp32": 1, "fp16": 10, "bf16": 16}  # TensorProto element types of the cache / logits
+NUMPY_TYPES = {"fp32": np.float32, "fp16": np.float16}
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    device: Literal["cpu", "cuda"] = "cpu"
+    device_id: int = 0
+    intra_op_threads: int = 0  # 0 = onnxruntime's default
+    graph_optimization_level: str = "all"  # disable | basic | extended | all
+    provider_options: dict[str, Any] = field(default_factory=dict)  # passed to the execution provider (wins)
+    # CUDA: ORT itself places shape-computation nodes on the CPU EP, so a session with CPU fallback disabled
+    # ("session.disable_cpu_ep_fallback") refuses every exported graph (measured, onnxruntime-gpu 1.31.1, H100).
+    # False = that strict mode: use it to prove a graph runs on the GPU only.
+    allow_cpu_fallback: bool = True
+    tf32: bool = False  # CUDA: TF32 matmuls; off keeps fp32 artifacts at fp32 accuracy (5e-4 -> 3e-7 rel. error)
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise BackendError(f"unknown ort device {self.device!r}; use cpu or cuda")
+        if self.graph_optimization_level not in OPT_LEVELS:
+            raise BackendError(f"graph_optimization_level must be one of {', '.join(OPT_LEVELS)}, "
+                               f"got {self.graph_optimization_level!r}")
+        if self.intra_op_threads < 0:
+            raise BackendError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
+
+
+@dataclass
+class OrtHandles:
+    """What one allocate() binds: the IOBinding, the cache OrtValues, and the preallocated decode buffers."""
+
+    binding: Any  # onnxruntime.IOBinding
+    caches: list[Any]  # OrtValue per past name, contract order
+    decode_inputs: dict[str, Any]  # name -> OrtValue of shape [B, 1] / [B]
+    decode_host: dict[str, np.ndarray]  # name -> host array: a view of the OrtValue on CPU, a staging copy on CUDA
+    decode_logits: Any  # np.ndarray view of the bound OrtValue (CPU) or torch.Tensor (CUDA), [B, 1, V]
+    decode_logits_value: Any = None  # CPU: the bound OrtValue itself
+    bound: str = ""  # "decode" when the decode buffers are the bound step inputs
+    keep: list[Any] = field(default_factory=list)  # prefill buffers the binding points at, kept alive
+
+
+def _options(options: OrtOptions | None, overrides: dict[str, Any]) -> OrtOptions:
+    known = {f.name for f in fields(OrtOptions)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise BackendError(f"unknown ort backend option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return replace(options or OrtOptions(), **overrides)
+
+
+@register("ort")
+class OrtBackend(Backend):
+    def __init__(self, artifact: str | Path, options: OrtOptions | None = None, *, manifest: Manifest | None = None,
+                 rank: int = 0, **overrides: Any) -> None:
+        super().__init__(artifact, manifest, rank)
+        self.options = _options(options, overrides)
+        m = self.manifest
+        if m.tp > 1:
+            raise BackendError(f"{self.artifact} has tp={m.tp} ranks; one process runs tp=1 artifacts only: "
+                               f"run it with `decodekit launch {self.artifact}` (one process per rank)")
+        if m.dtype not in ONNX_TYPES:
+            raise BackendError(f"{self.artifact}: unsupported dtype {m.dtype!r} for the ort backend")
+        self.num_layers = m.config.num_layers
+        self.kv_shape = (int(m.kv_layout["kv_heads_local"]), m.max_seq, int(m.kv_layout["head_dim"]))
+        self.vocab = m.config.vocab_size
+        self.session = _session(m.rank_file(self.artifact, rank), self.options)
+        self._check_io()
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def _check_io(self) -> None:
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        want_in = [*STEP_INPUTS, *past_names(self.num_layers)]
+        want_out = ["logits", *present_names(self.num_layers)]
+        if sorted(inputs) != sorted(want_in) or sorted(outputs) != sorted(want_out):
+            raise BackendError(f"{self.artifact}: graph I/O {inputs} -> {outputs} does not follow the decodekit "
+                               f"contract ({STEP_INPUTS} + past_key_values.* -> logits + present.*); re-export it")
+
+    @property
+    def _dev(self) -> tuple[str, int]:
+        return self.options.device, self.options.device_id
+
+    def _empty(self, shape: tuple[int, ...], dtype: str) -> Any:
+        """An uninitialized OrtValue on the device."""
+        import onnxruntime as ort
+
+        element = NUMPY_TYPES.get(dtype, ONNX_TYPES[dtype])  # bfloat16 has no numpy type: its onnx type id
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), element, *self._dev)
+
+    def _zeros(self, shape: tuple[int, ...], dtype: str) -> Any:
+        """A zero-filled OrtValue on the device (one host->device copy on CUDA)."""
+        import onnxruntime as ort
+
+        value = self._empty(shape, dtype)
+        host = np.zeros(shape, dtype=NUMPY_TYPES.get(dtype, np.uint16))
+        if dtype not in NUMPY_TYPES:  # same bits through uint16
+            host = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(host, ONNX_TYPES[dtype])
+        value.update_inplace(host)
+        return value
+
+    def allocate(self, batch: int) -> StepState:
+        if not 1 <= batch <= self.max_batch:
+            raise BackendError(f"batch {batch} is outside the artifact's range [1, {self.max_batch}]")
+        binding = self.session.io_binding()
+        caches = [self._zeros((batch, *self.kv_shape), self.manifest.dtype) for _ in range(2 * self.num_layers)]
+        logits, logits_value = self._decode_logits(batch)
+        if logits_value is not None:
+            binding.bind_ortvalue_output("logits", logits_value)  # logits is output 0 of every binding
+        else:
+            self._bind_torch_output(binding, logits)
+        for past, present, value in zip(past_names(self.num_layers), present_names(self.num_layers), caches):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        inputs, host = self._decode_inputs(batch)
+        return StepState(batch, self.max_seq, OrtHandles(binding, caches, inputs, host, logits, logits_value))
+
+    def _decode_inputs(self, batch: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        import onnxruntime as ort
+
+        shapes = {"input_ids": (batch, 1), "position_ids": (batch, 1), "write_indices": (batch,),
+                  "nonpad_kv_seqlen": (batch,)}
+        values, host = {}, {}
+        for name, shape in shapes.items():
+            if self.options.device == "cpu":
+                host[name] = np.zeros(shape, dtype=np.int64)
+                values[name] = ort.OrtValue.ortvalue_from_numpy(host[name])  # shares the array's memory
+            else:
+                host[name] = np.zeros(shape, dtype=np.int64)
+                values[name] = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.int64, *self._dev)
+        return values, host
+
+    def _decode_logits(self, batch: int) -> tuple[Any, Any]:
+        shape = (batch, 1, self.vocab)
+        if self.options.device == "cpu":
+            value = self._zeros(shape, self.manifest.dtype)
+            return (value.numpy() if self.manifest.dtype in NUMPY_TYPES else None), value
+        return self._torch_empty(shape), None
+
+    def _torch_empty(self, shape: tuple[int, ...]) -> Any:
+        import torch
+
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.manifest.dtype]
+        return torch.empty(shape, dtype=dtype, device=f"cuda:{self.options.device_id}")
+
+    def _bind_torch_output(self, binding: Any, tensor: Any) -> None:
+        binding.bind_output("logits", "cuda", self.options.device_id, ONNX_TYPES[self.manifest.dtype],
+                            list(tensor.shape), tensor.data_ptr())
+
+    # -------------------------------------------------------------------------------------------- step
+
+    def step(self, state: StepState, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
+             nonpad_kv_seqlen: np.ndarray) -> Any:
+        h: OrtHandles = state.handles
+        arrays = dict(zip(STEP_INPUTS, (input_ids, position_ids, write_indices, nonpad_kv_seqlen)))
+        B, S = input_ids.shape
+        if B != state.batch:
+            raise BackendError(f"step got batch {B} but the state was allocated for batch {state.batch}")
+        if S == 1:
+            logits = self._bind_decode(h, arrays)
+        else:
+            logits = self._bind_prefill(h, arrays, B, S)
+        self.session.run_with_iobinding(h.binding)
+        return logits
+
+    def _bind_decode(self, h: OrtHandles, arrays: dict[str, np.ndarray]) -> Any:
+        for name, a in arrays.items():
+            np.copyto(h.decode_host[name], a.reshape(h.decode_host[name].shape), casting="same_kind")
+            if self.options.device != "cpu":
+                h.decode_inputs[name].update_inplace(h.decode_host[name])
+        if h.bound != "decode":
+            for name, value in h.decode_inputs.items():
+                h.binding.bind_ortvalue_input(name, value)
+            self._rebind_decode_logits(h)
+            h.bound = "decode"
+        return h.decode_logits
+
+    def _rebind_decode_logits(self, h: OrtHandles) -> None:
+        if h.decode_logits_value is not None:
+            h.binding.bind_ortvalue_output("logits", h.decode_logits_value)
+        else:
+            self._bind_torch_output(h.binding, h.decode_logits)
+
+    def _bind_prefill(self, h: OrtHandles, arrays: dict[str, np.ndarray], B: int, S: int) -> Any:
+        import onnxruntime as ort
+
+        h.keep.clear()
+        for name, a in arrays.items():
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, dtype=np.int64), *self._dev)
+            h.binding.bind_ortvalue_input(name, value)
+            h.keep.append(value)  # on the CPU the OrtValue holds the array the binding reads
+        h.bound = "prefill"
+        if self.manifest.logits == "last":  # [B, 1, V] whatever S is: the decode buffer serves
+            self._rebind_decode_logits(h)
+            return h.decode_logits
+        if self.options.device != "cpu":
+            logits = self._torch_empty((B, S, self.vocab))
+            self._bind_torch_output(h.binding, logits)
+            return logits
+        value = self._empty((B, S, self.vocab), self.manifest.dtype)
+        h.binding.bind_ortvalue_output("logits", value)
+        h.keep.append(value)
+        return value.numpy() if self.manifest.dtype in NUMPY_TYPES else value
+
+    # ------------------------------------------------------------------------------------ introspection
+
+    def caches(self, state: StepState) -> list[Any]:
+        """The cache OrtValues in contract order (past_key_values.0.key, .0.value, 1.key, ...)."""
+        return list(state.handles.caches)
+
+    def bound_outputs(self, state: StepState) -> dict[str, Any]:
+        """name -> OrtValue the last run wrote (the present.* entries are the cache buffers themselves)."""
+        names = ["logits", *present_names(self.num_layers)]
+        return dict(zip(names, state.handles.binding.get_outputs()))
+
+    def close(self) -> None:
+        self.session = None
+
+
+def _session(path: Path, options: OrtOptions) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendError("onnxruntime is not installed; pip install onnxruntime (or onnxruntime-gpu)") from None
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[options.graph_optimization_level]
+    if options.intra_op_threads:
+        so.intra_op_num_threads = options.intra_op_threads
+    if options.device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendError(f"onnxruntime {ort.__version__} has no CUDA execution provider "
+                               f"(available: {', '.join(ort.get_available_providers())}); "
+                               f"install onnxruntime-gpu (pip install onnxruntime-gpu) or use --device cpu")
+        if not options.allow_cpu_fallback:
+            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        cuda = {"device_id": str(options.device_id), "use_tf32": "1" if options.tf32 else "0"}
+        providers = [("CUDAExecutionProvider", {**cuda, **{k: str(v) for k, v in options.provider_options.items()}})]
+    else:
+        providers = [("CPUExecutionProvider", dict(options.provider_options))]
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
+        hint = " (allow_cpu_fallback=False refuses the CPU nodes ORT itself assigns)" \
+            if options.device == "cuda" and not options.allow_cpu_fallback else ""
+        raise BackendError(f"onnxruntime could not load {path} on {options.device}{hint}: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

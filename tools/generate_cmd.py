@@ -1,0 +1,89 @@
+"""decodekit generate ARTIFACT (--prompt TEXT | --ids 1,2,3) ..."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from .cli import UserError
+
+
+def _parse_ids(values: tuple[str, ...]) -> list[list[int]]:
+    out = []
+    for v in values:
+        try:
+            out.append([int(t) for t in v.replace(" ", "").split(",") if t != ""])
+        except ValueError:
+            raise UserError(f"--ids takes comma-separated integers like 1,2,3; got {v!r}") from None
+    return out
+
+
+def _sampling(**kw):
+    from ..runtime.sampler import SamplingConfig
+
+    try:
+        return SamplingConfig(**kw)
+    except ValueError as e:
+        raise UserError(f"bad sampling option: {e}") from None
+
+
+@click.command("generate")
+@click.argument("artifact")
+@click.option("--backend", default="ort", show_default=True, type=click.Choice(["torch", "ort", "tensorrt"]))
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--prompt", "prompts", multiple=True, help="prompt text (repeat for a batch); needs the artifact's tokenizer")
+@click.option("--ids", "ids", multiple=True, help="prompt token ids, comma-separated (repeat for a batch)")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-k", default=0, show_default=True, help="0 = off")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--min-p", default=0.0, show_default=True)
+@click.option("--repetition-penalty", default=1.0, show_default=True)
+@click.option("--presence-penalty", default=0.0, show_default=True)
+@click.option("--frequency-penalty", default=0.0, show_default=True)
+@click.option("--seed", default=None, type=int, help="sampling seed (reproducible draws)")
+@click.option("--stop", multiple=True, help="stop string (repeatable), matched as a token sequence")
+@click.option("--json", "as_json", is_flag=True,
+              help='print one JSON document {"tokens": [[...]], "text": [...], "finish_reasons": [...]}')
+def command(artifact: str, backend: str, device: str, prompts: tuple[str, ...], ids: tuple[str, ...],
+            max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float,
+            repetition_penalty: float, presence_penalty: float, frequency_penalty: float, seed: int | None,
+            stop: tuple[str, ...], as_json: bool) -> None:
+    """Generate tokens from ARTIFACT for --prompt texts or --ids token lists; streams a single prompt's text."""
+    from ..runtime.pipeline import generate_text, open_backend
+
+    if bool(prompts) == bool(ids):
+        raise UserError("pass --prompt TEXT or --ids 1,2,3 (repeatable for a batch), not both or neither")
+    prompt_ids = _parse_ids(ids) if ids else None
+    sampling = _sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                         frequency_penalty=frequency_penalty, seed=seed)
+    options = {"device": device} if backend in ("torch", "ort") else {}
+    started = time.perf_counter()
+    with open_backend(artifact, backend, **options) as runner:
+        has_text = any(f.file == "tokenizer.json" for f in runner.manifest.tokenizer)
+        stream = len(prompts) + len(ids) == 1 and not as_json
+        result = generate_text(runner, list(prompts), prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
+                               sampling=sampling, stop=list(stop),
+                               on_text=_write if stream and has_text else None,
+                               on_token=(lambda b, t: _write(b, f"{t} ")) if stream and not has_text else None)
+    seconds = time.perf_counter() - started
+    if as_json:
+        texts = result.text or [None] * len(result.output_ids)
+        click.echo(json.dumps({"tokens": result.output_ids, "text": texts, "finish_reasons": result.finish_reasons}))
+        return
+    if stream:
+        click.echo()
+    else:
+        for b, out in enumerate(result.output_ids):
+            click.echo(f"[{b}] " + (result.text[b] if result.text else " ".join(map(str, out))))
+    n = sum(len(o) for o in result.output_ids)
+    click.echo(f"[generate] {n} tokens in {seconds:.2f} s; finish: {', '.join(result.finish_reasons)}", err=True)
+
+
+def _write(b: int, piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
