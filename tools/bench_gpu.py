@@ -4,7 +4,7 @@
         --out results/gpu.json [--plot results/gpu.png]
 
 Per model/dtype/batch: decode ms/token (median of per-step CUDA-event times after warm-up) and tokens/s for
-  ort-std / ort-gqa         decodekit's ONNX Runtime CUDA path (CUDA graph, GPU sampling, in-place cache)
+  ort:DIALECT[:nograph]     decodekit's ONNX Runtime CUDA path (CUDA graph, GPU sampling, in-place cache)
   torch-eager               decodekit's PyTorch reference Decoder, eager
   torch-compile             the same Decoder under torch.compile(mode="reduce-overhead") (gpt-fast style)
   hf-static                 transformers generate() with a static cache
@@ -121,7 +121,7 @@ def bench_one(name: str, dtype: str, batches: list[int], systems: list[str], ste
 
     config = preset(name)
     max_seq = prompt_len + steps + 32
-    dialects = [s.removeprefix("ort-") for s in systems if s.startswith("ort-")]
+    dialects = sorted({s.split(":")[1] for s in systems if s.startswith("ort:")})
     paths = export_fp(name, dtype, max_seq, work, dialects)
     rows = []
     for batch in batches:
@@ -134,11 +134,13 @@ def bench_one(name: str, dtype: str, batches: list[int], systems: list[str], ste
         row["roofline_ms"] = floor_ms
         for system in systems:
             log(f"{name} {dtype} batch {batch}: {system}")
+            import torch
+
+            torch.cuda.empty_cache()
             try:
-                if system.startswith("ort-"):
-                    d = system.removeprefix("ort-")
-                    graph = not d.endswith("-nograph")
-                    d = d.removesuffix("-nograph")
+                if system.startswith("ort:"):
+                    _, d, *flags = system.split(":")
+                    graph = "nograph" not in flags
                     if d not in paths:
                         raise RuntimeError(f"no {d} artifact")
                     r = run_ort(paths[d], batch, prompts, steps, graph)
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default="llama-3.2-1b")
     ap.add_argument("--dtypes", default="fp16")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--systems", default="ort-std,ort-gqa,torch-eager,torch-compile,hf-static")
+    ap.add_argument("--systems", default="ort:std,ort:ort-gqa-uniform,torch-eager,torch-compile,hf-static")
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--work", default="/tmp/decodekit-bench")
