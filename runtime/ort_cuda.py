@@ -1,17 +1,22 @@
 """ONNX Runtime CUDA fast path: every buffer on the GPU, lengths advanced on the device, the decode step
 replayed as a CUDA graph, sampling on the GPU.
 
-    prefill: one ordinary run (run option gpu_graph_id=-1: not captured), right-padded batch
+    prefill: one ordinary run (run option gpu_graph_id=-1: not captured), right-padded batch, optionally through a
+             second session of another artifact of the same model (e.g. std when the decode graph is a
+             GroupQueryAttention form that onnxruntime 1.31 cannot prefill with batch > 1)
     decode:  ids_B1, pos_B1, write_B, nonpad_B, caches and logits_B1V are torch CUDA tensors at fixed
              addresses bound once; each step = graph replay + sample (torch, on the same stream) + in-place
              increments; the host never waits until it reads the tokens.
 
-ONNX Runtime runs on PyTorch's current stream (provider option user_compute_stream), so torch's sampling and
-ORT's kernels are ordered without host synchronisation. The KV cache is bound as past AND present.
+ONNX Runtime is given PyTorch's current stream (provider option user_compute_stream) and synchronises it at
+the end of every run; before each run the host waits for torch's sampling and increments (measured on an H100:
+without these waits the sampler raced ORT's kernels). Step times are host wall-clock times, which is what a
+caller sees. The KV cache is bound as past AND present.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +37,8 @@ class CudaDecodeOptions:
 class OrtCudaDecoder:
     """Greedy / sampled decode of a tp=1 fp16/bf16/fp32 artifact on one GPU through ONNX Runtime's CUDA EP."""
 
-    def __init__(self, artifact: str | Path, batch: int, options: CudaDecodeOptions = CudaDecodeOptions()) -> None:
+    def __init__(self, artifact: str | Path, batch: int, options: CudaDecodeOptions = CudaDecodeOptions(),
+                 prefill_artifact: str | Path | None = None) -> None:
         import torch
 
         if not torch.cuda.is_available():
@@ -45,6 +51,14 @@ class OrtCudaDecoder:
         manifest = read_manifest(artifact)
         self.backend = OrtBackend(artifact, OrtOptions(device="cuda", device_id=options.device_id,
                                                        provider_options=provider), manifest=manifest)
+        self.prefill_backend = self.backend
+        if prefill_artifact is not None:
+            pm = read_manifest(prefill_artifact)
+            if pm.config != manifest.config or pm.max_seq != manifest.max_seq or pm.dtype != manifest.dtype:
+                raise BackendError(f"{prefill_artifact} is not the same model / max_seq / dtype as {artifact}")
+            self.prefill_backend = OrtBackend(prefill_artifact, OrtOptions(device="cuda", device_id=options.device_id,
+                                                                           provider_options={**provider, "enable_cuda_graph": "0"}),
+                                              manifest=pm)
         m = manifest
         self.L, self.V, self.max_seq = m.config.num_layers, m.config.vocab_size, m.max_seq
         self.tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[m.dtype]
@@ -63,18 +77,16 @@ class OrtCudaDecoder:
 
         self.run_decode = ort.RunOptions()
         self.run_decode.add_run_config_entry("gpu_graph_id", str(batch))
-        self.run_decode.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self.run_prefill = ort.RunOptions()
         self.run_prefill.add_run_config_entry("gpu_graph_id", "-1")
-        self.run_prefill.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
     def _bind(self, binding: Any, name: str, t: Any, output: bool) -> None:
         etype = self.etype if t.is_floating_point() else 7  # TensorProto INT64
         bind = binding.bind_output if output else binding.bind_input
         bind(name, "cuda", self.options.device_id, etype, list(t.shape), t.data_ptr())
 
-    def _binding(self, inputs: dict[str, Any], logits: Any) -> Any:
-        b = self.backend.session.io_binding()
+    def _binding(self, inputs: dict[str, Any], logits: Any, backend: OrtBackend | None = None) -> Any:
+        b = (backend or self.backend).session.io_binding()
         for name, t in inputs.items():
             self._bind(b, name, t, output=False)
         self._bind(b, "logits", logits, output=True)
@@ -100,8 +112,9 @@ class OrtCudaDecoder:
         last = self.backend.manifest.logits == "last"
         logits = torch.empty(B, 1 if last else S, self.V, dtype=self.tdtype, device=ids.device)
         binding = self._binding({"input_ids": ids, "position_ids": pos, "write_indices": write,
-                                 "nonpad_kv_seqlen": lens}, logits)
-        self.backend.session.run_with_iobinding(binding, self.run_prefill)
+                                 "nonpad_kv_seqlen": lens}, logits, self.prefill_backend)
+        self.stream.synchronize()
+        self.prefill_backend.session.run_with_iobinding(binding, self.run_prefill)
         self.pos[:, 0] = lens
         self.write.copy_(lens)
         self.nonpad.copy_(lens + 1)
@@ -110,6 +123,7 @@ class OrtCudaDecoder:
 
     def decode_step(self, sampler: Sampler, out_tokens: Any) -> None:
         """One decode step: graph replay, sample into ids, advance lengths; all on the device."""
+        self.stream.synchronize()  # torch's writes of ids / lengths are done before ORT reads them
         self.backend.session.run_with_iobinding(self.decode_binding, self.run_decode)
         tok = sampler.sample(self.logits[:, 0]).tokens
         sampler.observe(tok)
@@ -133,18 +147,14 @@ class OrtCudaDecoder:
         self.ids[:, 0] = first
         out = torch.empty(new_tokens, self.batch, dtype=torch.int64, device=self.ids.device)
         out[0] = first
-        events = []
+        stamps = [time.perf_counter()]
         for i in range(1, new_tokens):
-            if timings is not None:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
             self.decode_step(sampler, out[i])
-            if timings is not None:
-                end.record()
-                events.append((start, end))
             if self.options.sync_each_step:
                 out[i].tolist()
+            stamps.append(time.perf_counter())
         torch.cuda.synchronize()
-        if timings is not None:
-            timings.extend(s.elapsed_time(e) for s, e in events)
+        stamps[-1] = time.perf_counter()
+        if timings is not None:  # step i's time = from its start to the next step's start (includes its sync)
+            timings.extend((b - a) * 1e3 for a, b in zip(stamps, stamps[1:]))
         return out.T.tolist()

@@ -41,8 +41,15 @@ def export_fp(name: str, dtype: str, max_seq: int, work: Path, dialects: list[st
                                                              logits="last", force=True), progress=log)
         log(f"export {name} {dtype}: {time.perf_counter() - t:.0f} s")
     out = {"std": std}
-    for d in dialects:
+    variants = {"std-nononpad": "std", "gqa-static": "ort-gqa-uniform"}
+    for d in sorted(dialects, key=lambda d: d in variants):
         if d == "std":
+            continue
+        if d in variants:
+            from .bench_variants import make_variant
+
+            if variants[d] in out:
+                out[d] = make_variant(out[variants[d]], work / f"{name}-{dtype}-{d}", d)
             continue
         path = work / f"{name}-{dtype}-{d}"
         try:
@@ -63,10 +70,10 @@ def prompts_for(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[
     return torch.randint(3, vocab, (batch, prompt_len), generator=g).tolist()
 
 
-def run_ort(path: Path, batch: int, prompts, steps: int, graph: bool) -> dict:
+def run_ort(path: Path, batch: int, prompts, steps: int, graph: bool, prefill: Path | None = None) -> dict:
     from ..runtime.ort_cuda import CudaDecodeOptions, OrtCudaDecoder
 
-    dec = OrtCudaDecoder(path, batch, CudaDecodeOptions(cuda_graph=graph))
+    dec = OrtCudaDecoder(path, batch, CudaDecodeOptions(cuda_graph=graph), prefill_artifact=prefill)
     dec.generate(prompts, 16)  # warm-up (+ graph capture)
     times: list[float] = []
     tokens = dec.generate(prompts, steps, timings=times)
@@ -122,6 +129,8 @@ def bench_one(name: str, dtype: str, batches: list[int], systems: list[str], ste
     config = preset(name)
     max_seq = prompt_len + steps + 32
     dialects = sorted({s.split(":")[1] for s in systems if s.startswith("ort:")})
+    if "gqa-static" in dialects:
+        dialects.append("ort-gqa-uniform")
     paths = export_fp(name, dtype, max_seq, work, dialects)
     rows = []
     for batch in batches:
@@ -143,7 +152,8 @@ def bench_one(name: str, dtype: str, batches: list[int], systems: list[str], ste
                     graph = "nograph" not in flags
                     if d not in paths:
                         raise RuntimeError(f"no {d} artifact")
-                    r = run_ort(paths[d], batch, prompts, steps, graph)
+                    prefill = paths["std"] if "stdprefill" in flags else None
+                    r = run_ort(paths[d], batch, prompts, steps, graph, prefill)
                 elif system in ("torch-eager", "torch-compile"):
                     r = run_torch(name, dtype, batch, prompts, steps, max_seq, system == "torch-compile")
                 elif system == "hf-static":

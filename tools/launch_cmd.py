@@ -1,0 +1,87 @@
+"""decodekit launch ARTIFACT [--nproc N] [generate options]: tensor-parallel generation, one process per rank.
+
+Run as a plain command it is the launcher: it starts N copies of itself (N = the artifact's tp by default)
+with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set and watches them (runtime.launch). Run with
+those variables already set (by the launcher, or by torchrun:
+``torchrun --nproc-per-node 2 --no-python decodekit launch ARTIFACT --ids 1,2,3``) it is one rank: rank 0
+streams the tokens, the others follow. The generate options are `decodekit generate`'s (except --backend).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from .cli import UserError
+from .generate_cmd import _parse_ids, _sampling
+from .generate_cmd import command as _generate
+
+LAUNCH_ONLY = ("nproc", "timeout", "threads")
+
+
+@click.command("launch", context_settings={"show_default": True})
+@click.argument("artifact")
+@click.option("--nproc", default=0, help="ranks to start (0 = the artifact's tp)")
+@click.option("--timeout", default=120.0, help="seconds a rank waits in a collective before failing")
+@click.option("--threads", default=0, help="ONNX Runtime intra-op threads per rank (0 = CPU cores / ranks)")
+def command(artifact: str, nproc: int, timeout: float, threads: int, **kw: Any) -> None:
+    """Generate with a tensor-parallel ARTIFACT (ONNX Runtime, one process per rank, torch.distributed)."""
+    from ..runtime.launch import generate_worker, launched
+
+    request = _request(timeout, threads, **kw)  # a bad request fails here once, not in every rank
+    if launched():
+        generate_worker(artifact, request)
+    else:
+        _launcher(artifact, nproc, click.get_current_context())
+
+
+# the generate options, shared with `decodekit generate` so the two never drift apart
+command.params.extend(p for p in _generate.params if p.name not in ("artifact", "backend"))
+
+
+def _launcher(artifact: str, nproc: int, ctx: click.Context) -> None:
+    from ..export.manifest import read_manifest
+    from ..runtime.launch import launch
+
+    tp = read_manifest(artifact, verify=False).tp
+    if nproc and nproc != tp:
+        raise UserError(f"{artifact} has tp={tp} ranks; pass --nproc {tp} (or leave it out)")
+    n = nproc or tp
+    argv = [sys.executable, "-m", "decodekit.tools.cli", "launch", artifact, *_options_argv(ctx)]
+    result = launch(argv, n)
+    if result.returncode:
+        sys.exit(result.returncode)
+
+
+def _options_argv(ctx: click.Context) -> list[str]:
+    """The parsed options back as command-line arguments, for the workers."""
+    out: list[str] = []
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if not isinstance(p, click.Option) or p.name == "nproc" or value is None:
+            continue
+        flag = p.opts[0]
+        if p.is_flag:
+            out += [flag] if value else []
+        elif p.multiple:
+            for v in value:
+                out += [flag, str(v)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def _request(timeout: float, threads: int, **kw: Any) -> Any:
+    from ..runtime.launch import GenerateRequest
+
+    prompts, ids = kw.pop("prompts"), kw.pop("ids")
+    if bool(prompts) == bool(ids):
+        raise UserError("pass --prompt TEXT or --ids 1,2,3 (repeatable for a batch), not both or neither")
+    sampling = _sampling(**{k: kw.pop(k) for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                                                   "presence_penalty", "frequency_penalty", "seed")})
+    request = GenerateRequest(prompts=tuple(prompts), prompt_ids=tuple(map(tuple, _parse_ids(ids))) if ids else None,
+                              max_new_tokens=kw.pop("max_new_tokens"), sampling=sampling, stop=tuple(kw.pop("stop")),
+                              as_json=kw.pop("as_json"), device=kw.pop("device"), threads=threads, timeout_s=timeout)
+    return request

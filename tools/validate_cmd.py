@@ -1,0 +1,125 @@
+"""decodekit validate ARTIFACT [--backends torch,ort,...] [--steps N] [--prompt TEXT | --ids ...] [--json]."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING
+
+import click
+
+from .cli import UserError
+
+if TYPE_CHECKING:
+    from .validate import ValidationReport
+
+KNOWN_BACKENDS = ("torch", "ort", "tensorrt")
+
+
+def parse_ids(values: tuple[str, ...]) -> list[list[int]]:
+    out = []
+    for v in values:
+        try:
+            ids = [int(t) for t in v.replace(" ", "").split(",") if t != ""]
+        except ValueError:
+            raise UserError(f"--ids takes comma-separated integers like 1,2,3; got {v!r}") from None
+        if not ids:
+            raise UserError("--ids got an empty list; pass token ids like 1,2,3")
+        out.append(ids)
+    return out
+
+
+def parse_backends(text: str) -> list[str]:
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    for b in names:
+        name = b.partition("@")[0]
+        if name not in KNOWN_BACKENDS:
+            raise UserError(f"unknown backend {name!r} in --backends; choose from {', '.join(KNOWN_BACKENDS)} "
+                            f"(optionally NAME@ARTIFACT for another artifact of the same model)")
+    if len(names) < 2:
+        raise UserError("--backends needs at least two backends, the reference first (e.g. torch,ort)")
+    return names
+
+
+@click.command("validate")
+@click.argument("artifact", type=click.Path())
+@click.option("--backends", default="torch,ort", show_default=True,
+              help="comma-separated; the first is the reference. NAME or NAME@ARTIFACT (e.g. ort@./tiny-gqa)")
+@click.option("--steps", default=8, show_default=True, help="decode steps after the prefill")
+@click.option("--prompt", "prompts", multiple=True, help="prompt text (repeatable); needs the artifact's tokenizer")
+@click.option("--ids", "ids", multiple=True, help="prompt token ids, comma-separated (repeatable)")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+              help="device of the torch and ort backends")
+@click.option("--reference-source", default=None,
+              help="rebuild the torch reference from this Hugging Face folder or preset:NAME instead of the manifest's")
+@click.option("--save-results", type=click.Path(), default=None,
+              help="save the per-step logits as Polygraphy RunResults JSON "
+                   "(then e.g. `polygraphy run --load-outputs PATH --check-error-stat max --atol 1e-4`)")
+@click.option("--no-bisect", is_flag=True, help="do not bisect a failing backend to the first diverging layer")
+@click.option("--seed", default=0, show_default=True, help="seed of the default random prompts")
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON document")
+def command(artifact: str, backends: str, steps: int, prompts: tuple[str, ...], ids: tuple[str, ...], device: str,
+            reference_source: str | None, save_results: str | None, no_bisect: bool, seed: int,
+            as_json: bool) -> None:
+    """Run the same prompts through several backends and compare logits step by step (exit 1 on a mismatch).
+
+    All backends are fed the reference's greedy tokens (teacher forcing). Tolerances: fp32 max |logit error|
+    <= 1e-4 x max(1, logit scale) and identical greedy tokens; fp16 top-1 >= 0.99 and cosine >= 0.999;
+    bf16 top-1 >= 0.98 and cosine >= 0.995. A failing ONNX backend is bisected to the first diverging layer.
+    """
+    from .validate import validate
+
+    if prompts and ids:
+        raise UserError("pass --prompt TEXT or --ids 1,2,3, not both")
+    report = validate(artifact, parse_backends(backends), parse_ids(ids) if ids else None, steps, texts=prompts,
+                      device=device, reference_source=reference_source, bisect=not no_bisect,
+                      save_results=save_results, seed=seed,
+                      progress=lambda m: click.echo(f"[validate] {m}", err=True))
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        click.echo(format_report(report))
+    if not report.passed:
+        click.echo(f"error: validation failed: {failure_line(report)}", err=True)
+        sys.exit(1)
+
+
+def failure_line(report: "ValidationReport") -> str:
+    parts = []
+    for c in report.comparisons:
+        if c.passed:
+            continue
+        text = f"{c.backend} vs {c.reference}: {c.reasons[0]}"
+        if c.bisect and c.bisect.get("found"):
+            text += f"; bisect: {c.bisect['message']}"
+        parts.append(text)
+    return " | ".join(parts)
+
+
+def format_report(report: "ValidationReport", per_step: bool = True) -> str:
+    lines = [f"validate {report.artifact} ({report.dtype}; {len(report.prompts)} prompts of "
+             f"{', '.join(str(len(p)) for p in report.prompts)} tokens; prefill + {report.steps} decode steps; "
+             f"reference {report.reference}; {report.seconds:.1f} s)"]
+    for c in report.comparisons:
+        lines.append(f"\n{c.backend} vs {c.reference}  [{c.tolerance.describe()}]")
+        if per_step:
+            lines.append(f"  {'step':>4} {'pos':>4} {'max_abs':>10} {'max_rel':>10} {'cos_min':>10} {'top1':>6}  ok")
+            for m in c.steps:
+                lines.append(f"  {m.step:>4} {m.positions:>4} {m.max_abs:>10.3g} {m.max_rel:>10.3g} "
+                             f"{m.cosine_min:>10.6f} {m.top1_agreement:>6.3f}  {'yes' if m.passed else 'NO'}")
+        g = c.greedy
+        where = "identical" if g.match else \
+            f"first differ at prompt {g.first_divergence[0]}, token {g.first_divergence[1]}"
+        lines.append(f"  greedy tokens: {where} (agreement {g.agreement:.3f})")
+        s = c.summary()
+        lines.append(f"  {'PASS' if c.passed else 'FAIL'}: max abs {s['max_abs']:.3g}, max rel {s['max_rel']:.3g}, "
+                     f"cosine >= {s['cosine_min']:.6f}, top-1 {s['top1_agreement']:.3f}"
+                     + ("" if c.passed else "; " + "; ".join(c.reasons)))
+        if c.bisect is not None:
+            lines.append(f"  bisect (prompt {c.bisect.get('prompt', 0)}, replayed alone): {c.bisect['message']}")
+            lines += [f"    note: {n}" for n in c.bisect.get("notes", [])]
+    if report.saved_results:
+        lines.append(f"\nsaved Polygraphy RunResults to {report.saved_results} "
+                     f"(polygraphy inspect data {report.saved_results})")
+    lines.append(f"\nRESULT: {'PASS' if report.passed else 'FAIL'}")
+    return "\n".join(lines)
