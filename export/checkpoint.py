@@ -13,9 +13,7 @@ from .model import Decoder
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message says what was expected and found."""
-
+from ..errors import CheckpointError  # noqa: F401 - re-exported
 
 def torch_dtype(name: str) -> torch.dtype:
     try:

@@ -48,10 +48,10 @@ def cache_update(cache_BHTD: torch.Tensor, new_BHSD: torch.Tensor, write_B: torc
         return torch.onnx.ops.symbolic(
             "TensorScatter", [cache_BHTD, new_BHSD, write_B], {"axis": -2, "mode": "linear"},
             dtype=cache_BHTD.dtype, shape=cache_BHTD.shape, version=24)
-    B, S = new_BHSD.shape[0], new_BHSD.shape[2]
+    B, H, S, D = new_BHSD.shape
     rows_BS = write_B[:, None] + torch.arange(S, device=write_B.device)
-    batch_BS = torch.arange(B, device=write_B.device)[:, None].expand(B, S)
-    cache_BHTD[batch_BS, :, rows_BS] = new_BHSD.transpose(1, 2).to(cache_BHTD.dtype)
+    # scatter_ along the sequence axis: one simple kernel (advanced-index assignment sorts its indices on CUDA)
+    cache_BHTD.scatter_(2, rows_BS[:, None, :, None].expand(B, H, S, D), new_BHSD.to(cache_BHTD.dtype))
     return cache_BHTD
 
 

@@ -82,7 +82,7 @@ def load_backend(name: str, artifact: str | Path, **options: Any) -> Backend:
     """Lazy registry: importing a backend module registers it; heavy packages load only when used."""
     import importlib
 
-    modules = {"torch": "torch_backend", "ort": "ort_backend", "tensorrt": "trt_backend"}
+    modules = {"torch": "torch_backend", "ort": "ort_backend", "tensorrt": "trt_backend", "ort-tp": "tp_ort"}
     if name not in modules:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(modules)}")
     importlib.import_module(f"{__package__}.{modules[name]}")

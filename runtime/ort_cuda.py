@@ -32,6 +32,7 @@ class CudaDecodeOptions:
     device_id: int = 0
     cuda_graph: bool = True
     sync_each_step: bool = False  # True: read each token on the host as it is made (streaming)
+    logprobs: bool = True  # False with greedy, penalty-free sampling: one argmax written straight into the inputs
 
 
 class OrtCudaDecoder:
@@ -121,14 +122,24 @@ class OrtCudaDecoder:
         self._keep = (ids, pos, write, lens, logits, binding)  # alive until the stream has used them
         return logits[:, 0] if last else logits[torch.arange(B, device=ids.device), lens - 1]
 
+    def _argmax_only(self, sampler: Sampler) -> bool:
+        c = sampler.config
+        return not self.options.logprobs and c.greedy and not c.has_penalties
+
     def decode_step(self, sampler: Sampler, out_tokens: Any) -> None:
         """One decode step: graph replay, sample into ids, advance lengths; all on the device."""
+        import torch
+
         self.stream.synchronize()  # torch's writes of ids / lengths are done before ORT reads them
         self.backend.session.run_with_iobinding(self.decode_binding, self.run_decode)
-        tok = sampler.sample(self.logits[:, 0]).tokens
-        sampler.observe(tok)
-        self.ids[:, 0] = tok
-        out_tokens.copy_(tok)
+        if self._argmax_only(sampler):
+            torch.argmax(self.logits[:, 0], dim=-1, keepdim=True, out=self.ids)
+            out_tokens.copy_(self.ids[:, 0])
+        else:
+            tok = sampler.sample(self.logits[:, 0]).tokens
+            sampler.observe(tok)
+            self.ids[:, 0] = tok
+            out_tokens.copy_(tok)
         self.pos += 1
         self.write += 1
         self.nonpad += 1

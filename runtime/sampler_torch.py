@@ -121,7 +121,8 @@ class TorchState:
             inc = torch.ones_like(tok, dtype=torch.int32)
         else:
             inc = torch.as_tensor(active).to(self.device, dtype=torch.int32).reshape(-1)
-        self.counts.index_put_((self._rows, tok), inc, accumulate=True)
+        # one scatter-add into the flat counts (index_put_ with accumulate sorts its indices on CUDA)
+        self.counts.view(-1).scatter_add_(0, self._rows * self.counts.shape[1] + tok, inc)
 
     def load(self, logits: Any) -> torch.Tensor:
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():

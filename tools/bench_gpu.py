@@ -73,12 +73,33 @@ def prompts_for(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[
 def run_ort(path: Path, batch: int, prompts, steps: int, graph: bool, prefill: Path | None = None) -> dict:
     from ..runtime.ort_cuda import CudaDecodeOptions, OrtCudaDecoder
 
-    dec = OrtCudaDecoder(path, batch, CudaDecodeOptions(cuda_graph=graph), prefill_artifact=prefill)
+    dec = OrtCudaDecoder(path, batch, CudaDecodeOptions(cuda_graph=graph, logprobs=False), prefill_artifact=prefill)
     dec.generate(prompts, 16)  # warm-up (+ graph capture)
     times: list[float] = []
     tokens = dec.generate(prompts, steps, timings=times)
+    result = {"ms": statistics.median(times[8:]), "tokens": tokens}
+    if PROFILE:
+        result["kernels"] = kernel_profile(lambda: dec.generate(prompts, 33), 32)
     del dec
-    return {"ms": statistics.median(times[8:]), "tokens": tokens}
+    return result
+
+
+PROFILE = False
+
+
+def kernel_profile(fn, steps: int) -> dict:
+    """CUDA kernel time per decode step (CUPTI sees every library's kernels: ORT's, cuBLAS', torch's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+    totals: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            totals[e.name] = totals.get(e.name, 0.0) + e.device_time / 1e3
+    total = sum(totals.values()) / steps
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:8]
+    return {"kernel_ms_per_step": total, "top": [(k[:90], round(v / steps, 4)) for k, v in top]}
 
 
 def run_torch(name: str, dtype: str, batch: int, prompts, steps: int, max_seq: int, compiled: bool) -> dict:
@@ -89,8 +110,7 @@ def run_torch(name: str, dtype: str, batch: int, prompts, steps: int, max_seq: i
     model = torch_model(preset(name), dtype, max_seq)
     dec = TorchDecode(model, batch, max_seq, compiled=compiled)
     p = torch.tensor(prompts, device="cuda")
-    dec.decode(dec.prefill(p), 16 if compiled else 4)  # warm-up / compile
-    dec.cache = [(k.zero_(), v.zero_()) for k, v in dec.cache]
+    dec.decode(dec.prefill(p), 16 if compiled else 4)  # warm-up / compile + graph capture
     first = dec.prefill(p)
     tokens, times = dec.decode(first, steps - 1)
     out = [[int(first[b])] + [t[b] for t in tokens] for b in range(batch)]
@@ -217,7 +237,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", default="/tmp/decodekit-bench")
     ap.add_argument("--out", default="results/gpu.json")
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--profile", action="store_true", help="CUDA kernel time per step of the ORT systems")
     a = ap.parse_args(argv)
+    global PROFILE
+    PROFILE = a.profile
     import torch
 
     work = Path(a.work)
@@ -243,6 +266,9 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 print(f"{r['model']:14} {r['dtype']:5} {r['batch']:>2} {s:16} {v.get('error', '')[:80]}")
         print(f"   roofline {r['roofline_ms']:.3f} ms; prefill logits vs torch: {r.get('prefill_logits_vs_torch')}")
+        for s, v in r["systems"].items():
+            if "kernels" in v:
+                print(f"   {s}: kernels {v['kernels']['kernel_ms_per_step']:.3f} ms/step; top {v['kernels']['top'][:4]}")
 
 
 if __name__ == "__main__":

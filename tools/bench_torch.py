@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -13,27 +12,29 @@ from ..export.config import ModelConfig
 from ..export.model import Decoder
 
 
-@dataclass
-class TorchDecode:
-    """A greedy decode loop over our Decoder with preallocated device inputs (no host sync when compiled)."""
+class TorchDecode(torch.nn.Module):
+    """A greedy decode loop over our Decoder (gpt-fast style): the KV cache is module buffers (static addresses
+    for CUDA graphs), step inputs are preallocated device tensors, and compiled steps never sync the host."""
 
-    model: Decoder
-    batch: int
-    max_seq: int
-    compiled: bool = False
+    def __init__(self, model: Decoder, batch: int, max_seq: int, compiled: bool = False) -> None:
+        super().__init__()
+        self.model, self.batch, self.max_seq, self.compiled = model, batch, max_seq, compiled
+        dev = model.embed.weight.device
+        for i, (k, v) in enumerate(model.new_cache(batch, max_seq, dev)):
+            self.register_buffer(f"k{i}", k)
+            self.register_buffer(f"v{i}", v)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.write = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.nonpad = torch.ones(batch, dtype=torch.long, device=dev)
+        self.step_fn = torch.compile(self.step, mode="reduce-overhead", fullgraph=True) if compiled else self.step
 
-    def __post_init__(self) -> None:
-        dev = self.model.embed.weight.device
-        self.cache = self.model.new_cache(self.batch, self.max_seq, dev)
-        self.ids = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
-        self.write = torch.zeros(self.batch, dtype=torch.long, device=dev)
-        self.nonpad = torch.ones(self.batch, dtype=torch.long, device=dev)
+    @property
+    def cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(getattr(self, f"k{i}"), getattr(self, f"v{i}")) for i in range(len(self.model.layers))]
+
+    def step(self, ids, pos, write, nonpad):
         self.model.static_kv = self.compiled
-        step = self._step
-        self.step_fn = torch.compile(step, mode="reduce-overhead", fullgraph=True) if self.compiled else step
-
-    def _step(self, ids, pos, write, nonpad):
         logits, _ = self.model(ids, pos, write, nonpad, self.cache, logits="last")
         return logits[:, -1].argmax(-1)
 
@@ -41,10 +42,12 @@ class TorchDecode:
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         B, S = prompt.shape
         dev = prompt.device
+        for k, v in self.cache:
+            k.zero_()
+            v.zero_()
         self.model.static_kv = False
         logits, _ = self.model(prompt, torch.arange(S, device=dev).repeat(B, 1), torch.zeros(B, dtype=torch.long, device=dev),
                                torch.full((B,), S, device=dev), self.cache, logits="last")
-        self.model.static_kv = self.compiled
         self.pos.fill_(S)
         self.write.fill_(S)
         self.nonpad.fill_(S + 1)
@@ -52,22 +55,22 @@ class TorchDecode:
 
     @torch.inference_mode()
     def decode(self, first: torch.Tensor, steps: int) -> tuple[list[list[int]], list[float]]:
-        """Greedy steps; returns tokens per step and per-step ms (CUDA events)."""
+        """Greedy steps; returns tokens per step and per-step host wall ms (the step's work is complete at the
+        next step's start: the host waits for the GPU once per step, as a streaming caller does)."""
         self.ids[:, 0] = first
-        out, times = [], []
-        for _ in range(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        out = torch.empty(steps, self.batch, dtype=torch.long, device=self.ids.device)
+        torch.cuda.synchronize()
+        stamps = [time.perf_counter()]
+        for i in range(steps):
             tok = self.step_fn(self.ids, self.pos, self.write, self.nonpad)
             self.ids[:, 0] = tok
+            out[i] = tok
             self.pos += 1
             self.write += 1
             self.nonpad += 1
-            end.record()
-            out.append(tok.clone())
-            times.append((start, end))
-        torch.cuda.synchronize()
-        return [t.tolist() for t in out], [s.elapsed_time(e) for s, e in times]
+            torch.cuda.current_stream().synchronize()
+            stamps.append(time.perf_counter())
+        return out.tolist(), [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
 
 
 def torch_model(config: ModelConfig, dtype: str, max_seq: int, seed: int = 0) -> Decoder:

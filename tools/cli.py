@@ -11,6 +11,8 @@ import sys
 
 import click
 
+from ..errors import UserError  # noqa: F401 - commands raise it; re-exported here
+
 # command name -> module under decodekit.tools defining a click command named `command`
 COMMANDS = {
     "export": "export_cmd",
@@ -44,16 +46,12 @@ def cli() -> None:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from ..export.checkpoint import CheckpointError
+    """The error types printed as one line (none of these imports torch or onnx)."""
+    from ..errors import BackendError, CheckpointError, UserError
     from ..export.config import ConfigError
     from ..export.manifest import ArtifactError
-    from ..runtime.backend import BackendError
 
     return ConfigError, CheckpointError, ArtifactError, BackendError, UserError
-
-
-class UserError(Exception):
-    """Raised by commands for a bad input; printed as one line."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="decodekit", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.UsageError as e:  # bad option / argument: one line, with the command it concerns
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        click.echo(f"error: {e.format_message()}{where}", err=True)
         sys.exit(1)
     except click.ClickException as e:
         e.show()

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import click
 
-from .cli import UserError
+from ..errors import UserError
 
 MARKER = ".decodekit-demo"
 STAGES = 5

@@ -8,7 +8,7 @@ import time
 
 import click
 
-from .cli import UserError
+from ..errors import UserError
 
 
 def _parse_ids(values: tuple[str, ...]) -> list[list[int]]:

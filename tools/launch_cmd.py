@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .cli import UserError
+from ..errors import UserError
 from .generate_cmd import _parse_ids, _sampling
 from .generate_cmd import command as _generate
 

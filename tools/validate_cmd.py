@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .cli import UserError
+from ..errors import UserError
 
 if TYPE_CHECKING:
     from .validate import ValidationReport

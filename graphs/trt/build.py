@@ -88,8 +88,8 @@ def build_engines(artifact: str | Path, out: str | Path, options: BuildOptions =
                   progress: Progress = lambda msg: None) -> Manifest:
     artifact, out = Path(artifact), Path(out)
     started = time.perf_counter()
-    progress(f"checking {artifact}")
     manifest = read_manifest(artifact, verify=True)
+    progress(f"checked {artifact}")
     t = api.load()
     profiles = _profiles(manifest, options)
     cache = Path(options.timing_cache).expanduser() if options.timing_cache else default_timing_cache(t)

@@ -143,19 +143,13 @@ CASES = {
     "validate an unknown backend": (["validate", "{tiny}", "--backends", "torch,onnx"], "unknown backend"),
     "optimize to an unknown dialect": (["optimize", "{tiny}", "-o", "{out}", "--dialect", "fast"], "unknown dialect"),
     "demo into a folder it did not make": (["demo", "--workdir", "{mine}"], "not made by `decodekit demo`"),
-}
-
-
-KNOWN_ISSUES = {
-    # graphs/trt/build.py prints "[build] checking ARTIFACT" before read_manifest refuses it: two stderr lines
     "build a missing artifact": (["build", "{missing}", "-o", "{out}"], "no such artifact folder"),
 }
 
 
-@pytest.mark.parametrize("case", [*CASES, *(pytest.param(c, marks=pytest.mark.xfail(
-    strict=False, reason="a progress line precedes the error")) for c in KNOWN_ISSUES)])
+@pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_and_exit_1(case: str, bad: dict[str, Path]) -> None:
-    args, expected = {**CASES, **KNOWN_ISSUES}[case]
+    args, expected = CASES[case]
     p = decodekit(*[a.format(**bad) for a in args])
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1, f"{case}: rc={p.returncode}\n{p.stderr}"
@@ -163,8 +157,6 @@ def test_bad_input_is_one_line_and_exit_1(case: str, bad: dict[str, Path]) -> No
     assert not (bad["out"]).exists() and (bad["mine"] / "thesis.txt").is_file()
 
 
-@pytest.mark.xfail(strict=False, reason="tools/cli.py main() shows click usage errors (bad option values) with "
-                                        "click's usage + hint lines, not one line")
 def test_unknown_backend_choice_is_one_line(bad: dict[str, Path]) -> None:
     p = decodekit("generate", bad["tiny"], "--backend", "onnx", "--ids", "1,2")
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr

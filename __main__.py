@@ -1,0 +1,5 @@
+"""python -m decodekit: the command line."""
+
+from .tools.cli import main
+
+main()
