@@ -18,7 +18,7 @@ import onnx
 from .checkpoint import DTYPES, load_source, source_config
 from .config import ConfigError
 from .folders import EXTERNAL_DATA_THRESHOLD, ONNX_DTYPES, commit_output, prepare_output
-from .manifest import FileEntry, Manifest, RankEntry, TensorSpec, file_entry, write_manifest
+from .manifest import Manifest, RankEntry, TensorSpec, file_entry, write_manifest
 from .model import Decoder
 from .ops import ONNX_OPSET
 from .sharding import check_tp, shard

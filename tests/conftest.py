@@ -33,3 +33,35 @@ def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], P
         return cache[family]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory: ``exported(source, **ExportOptions fields) -> Path``, one export per distinct request per session.
+
+    Shared read-only by every test module that asks for the same artifact (copy before modifying).
+    """
+    from decodekit.export.artifact import ExportOptions, export_artifact
+
+    cache: dict[tuple, Path] = {}
+
+    def make(source: str = "preset:tiny", **options) -> Path:
+        key = (source, tuple(sorted(options.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("exported") / "artifact"
+            export_artifact(source, out, ExportOptions(**options))
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -47,7 +47,7 @@ def cli() -> None:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The error types printed as one line (none of these imports torch or onnx)."""
-    from ..errors import BackendError, CheckpointError, UserError
+    from ..errors import BackendError, CheckpointError
     from ..export.config import ConfigError
     from ..export.manifest import ArtifactError
 

@@ -14,7 +14,6 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from decodekit.export.artifact import ExportOptions, export_artifact
 from decodekit.graphs.tp_partition import (
     PartitionError,
     collective_inputs,
@@ -28,22 +27,14 @@ L = 2  # preset:tiny layers
 MAX_SEQ = 512  # preset:tiny's max_position_embeddings: long runs for the fault tests
 
 
-def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, tp: int) -> Path:
-    """preset:tiny at tp, exported once per session and shared with tests/runtime/test_tp_processes.py."""
-    out = tmp_path_factory.getbasetemp() / "tp-tiny" / f"tp{tp}"
-    if not (out / "manifest.json").exists():
-        export_artifact("preset:tiny", out, ExportOptions(tp=tp, max_seq=MAX_SEQ, max_batch=2, force=True))
-    return out
+@pytest.fixture(scope="module")
+def tp1(exported) -> Path:
+    return exported("preset:tiny", tp=1, max_seq=MAX_SEQ, max_batch=2)
 
 
 @pytest.fixture(scope="module")
-def tp1(tmp_path_factory) -> Path:
-    return tiny_artifact(tmp_path_factory, 1)
-
-
-@pytest.fixture(scope="module")
-def tp2(tmp_path_factory) -> Path:
-    return tiny_artifact(tmp_path_factory, 2)
+def tp2(exported) -> Path:
+    return exported("preset:tiny", tp=2, max_seq=MAX_SEQ, max_batch=2)
 
 
 def _session(model: bytes | str, folder: Path | None = None) -> ort.InferenceSession:

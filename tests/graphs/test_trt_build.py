@@ -18,7 +18,6 @@ import onnx
 import onnx.helper as oh
 import pytest
 
-from decodekit.export.artifact import ExportOptions, export_artifact
 from decodekit.export.config import ConfigError
 from decodekit.export.manifest import ArtifactError, file_entry, read_manifest, sha256_file, write_manifest
 from decodekit.graphs.trt import api
@@ -30,20 +29,14 @@ L = 2  # preset:tiny layers
 MAX_SEQ = 64
 
 
-def _export(tmp_path_factory, tp: int) -> Path:
-    out = tmp_path_factory.mktemp("onnx") / f"tiny-tp{tp}"
-    export_artifact("preset:tiny", out, ExportOptions(tp=tp, dtype="fp16", max_seq=MAX_SEQ, max_batch=4))
-    return out
+@pytest.fixture(scope="module")
+def onnx_tp1(exported) -> Path:
+    return exported("preset:tiny", tp=1, dtype="fp16", max_seq=MAX_SEQ, max_batch=4)
 
 
 @pytest.fixture(scope="module")
-def onnx_tp1(tmp_path_factory) -> Path:
-    return _export(tmp_path_factory, 1)
-
-
-@pytest.fixture(scope="module")
-def onnx_tp2(tmp_path_factory) -> Path:
-    return _export(tmp_path_factory, 2)
+def onnx_tp2(exported) -> Path:
+    return exported("preset:tiny", tp=2, dtype="fp16", max_seq=MAX_SEQ, max_batch=4)
 
 
 @pytest.fixture(scope="module")

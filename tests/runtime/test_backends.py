@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
-from decodekit.export.artifact import ExportOptions, export_artifact
 from decodekit.runtime.backend import BackendError, load_backend
 from decodekit.runtime.ort_backend import OrtBackend, OrtOptions
 from helpers import FAMILIES
@@ -27,32 +24,18 @@ PROMPTS = [[5, 17, 99, 3, 200, 42, 7, 8, 150, 33, 71], [12, 250, 64, 9, 130, 77]
 DECODE_STEPS = 20
 
 
-def export_once(tmp_path_factory, source: str, name: str, **options) -> Path:
-    """Export into the session's base temp folder once; every test module of the session reuses it."""
-    out = tmp_path_factory.getbasetemp() / name
-    if not (out / "manifest.json").is_file():
-        export_artifact(source, out, ExportOptions(max_seq=MAX_SEQ, max_batch=4, **options))
-    return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def backends(hf_checkpoint, tmp_path_factory):
+def backends(hf_checkpoint, exported):
     """(family, logits) -> (ort backend, torch backend) on one artifact."""
     cache: dict[tuple[str, str], tuple] = {}
 
     def get(family: str, logits: str = "all"):
         if (family, logits) not in cache:
             src = hf_checkpoint(family)
-            art = export_once(tmp_path_factory, str(src), f"artifact-{family}-{logits}-{MAX_SEQ}", logits=logits)
+            art = exported(str(src), max_seq=MAX_SEQ, max_batch=4, logits=logits)
             cache[family, logits] = (load_backend("ort", art, intra_op_threads=1), load_backend("torch", art))
         return cache[family, logits]
 

@@ -6,13 +6,11 @@ random checkpoints of every family, alone and inside a right-padded batch of 3 p
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from decodekit.export.artifact import ExportOptions, export_artifact
 from decodekit.export.config import ConfigError
 from decodekit.runtime.backend import load_backend
 from decodekit.runtime.generate import GenerationError, GenerationResult, generate, generate_ids, generate_result
@@ -30,27 +28,13 @@ PROMPTS = [
 ]
 
 
-def export_once(tmp_path_factory, source: str, name: str, **options) -> Path:
-    """Export into the session's base temp folder once; every test module of the session reuses it."""
-    out = tmp_path_factory.getbasetemp() / name
-    if not (out / "manifest.json").is_file():
-        export_artifact(source, out, ExportOptions(max_batch=4, **options))
-    return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(exported):
     """ORT backend on a preset:tiny artifact (vocab 512, has a tokenizer; max_seq 64, max_batch 4)."""
-    art = export_once(tmp_path_factory, "preset:tiny", "artifact-tiny-all-64", max_seq=64)
+    art = exported("preset:tiny", max_seq=64, max_batch=4)
     with load_backend("ort", art, intra_op_threads=1) as backend:
         yield backend
 
@@ -59,11 +43,11 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generation_matches_transformers(hf_checkpoint, tmp_path_factory, family):
+def test_greedy_generation_matches_transformers(hf_checkpoint, exported, family):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     src = hf_checkpoint(family)
-    art = export_once(tmp_path_factory, str(src), f"artifact-{family}-all-{MAX_SEQ}", max_seq=MAX_SEQ)
+    art = exported(str(src), max_seq=MAX_SEQ, max_batch=4)
     hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     # an EOS id outside the vocabulary: transformers must not stop early
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=hf.config.vocab_size + 7,

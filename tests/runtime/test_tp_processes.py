@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from decodekit.export.artifact import ExportOptions, export_artifact
 from decodekit.runtime.generate import generate_ids
 from decodekit.runtime.launch import launch
 from decodekit.runtime.ort_backend import OrtBackend
@@ -31,22 +30,14 @@ STEPS = 64
 DECODEKIT = [sys.executable, "-m", "decodekit.tools.cli"]
 
 
-def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, tp: int) -> Path:
-    """preset:tiny at tp, exported once per session (same folder as tests/graphs/test_tp_partition.py)."""
-    out = tmp_path_factory.getbasetemp() / "tp-tiny" / f"tp{tp}"
-    if not (out / "manifest.json").exists():
-        export_artifact("preset:tiny", out, ExportOptions(tp=tp, max_seq=MAX_SEQ, max_batch=2, force=True))
-    return out
+@pytest.fixture(scope="module")
+def tp1(exported) -> Path:
+    return exported("preset:tiny", tp=1, max_seq=MAX_SEQ, max_batch=2)
 
 
 @pytest.fixture(scope="module")
-def tp1(tmp_path_factory) -> Path:
-    return tiny_artifact(tmp_path_factory, 1)
-
-
-@pytest.fixture(scope="module")
-def tp2(tmp_path_factory) -> Path:
-    return tiny_artifact(tmp_path_factory, 2)
+def tp2(exported) -> Path:
+    return exported("preset:tiny", tp=2, max_seq=MAX_SEQ, max_batch=2)
 
 
 def _tp1_tokens(tp1: Path, eos: tuple[int, ...] | None = None) -> list[int]:

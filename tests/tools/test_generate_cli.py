@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from decodekit.export.artifact import ExportOptions, export_artifact
 from decodekit.runtime.backend import load_backend
 from decodekit.runtime.generate import generate_ids
 from decodekit.runtime.pipeline import generate_text
@@ -18,17 +17,9 @@ from decodekit.runtime.pipeline import generate_text
 DECODEKIT = Path(sys.executable).with_name("decodekit")
 
 
-def export_once(tmp_path_factory, source: str, name: str, **options) -> Path:
-    """Export into the session's base temp folder once; every test module of the session reuses it."""
-    out = tmp_path_factory.getbasetemp() / name
-    if not (out / "manifest.json").is_file():
-        export_artifact(source, out, ExportOptions(max_batch=4, **options))
-    return out
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return export_once(tmp_path_factory, "preset:tiny", "artifact-tiny-all-64", max_seq=64)
+def tiny(exported) -> Path:
+    return exported("preset:tiny", max_seq=64, max_batch=4)
 
 
 def decodekit(*args: str) -> subprocess.CompletedProcess:
