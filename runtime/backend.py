@@ -9,9 +9,9 @@ underlying engine does internally; inputs are written into preallocated buffers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -65,6 +65,18 @@ class Backend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+OptionsT = TypeVar("OptionsT")
+
+
+def resolve_options(kind: type[OptionsT], options: OptionsT | None, overrides: dict[str, Any], backend: str) -> OptionsT:
+    """A backend's frozen options: `options` (or the defaults) with keyword `overrides`; unknown names refused."""
+    known = {f.name for f in fields(kind)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise BackendError(f"unknown {backend} backend option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return replace(options or kind(), **overrides)
 
 
 BACKENDS: dict[str, Callable[..., Backend]] = {}

@@ -11,14 +11,14 @@ as an np.ndarray. The decode logits buffer is reused: its contents are valid unt
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from ..export.manifest import Manifest
-from .backend import Backend, BackendError, StepState, register
+from .backend import Backend, BackendError, StepState, register, resolve_options
 
 # The contract's I/O names (as export/trace.py writes them; not imported from there: it imports torch).
 STEP_INPUTS = ("input_ids", "position_ids", "write_indices", "nonpad_kv_seqlen")
@@ -74,20 +74,12 @@ class OrtHandles:
     keep: list[Any] = field(default_factory=list)  # prefill buffers the binding points at, kept alive
 
 
-def _options(options: OrtOptions | None, overrides: dict[str, Any]) -> OrtOptions:
-    known = {f.name for f in fields(OrtOptions)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise BackendError(f"unknown ort backend option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return replace(options or OrtOptions(), **overrides)
-
-
 @register("ort")
 class OrtBackend(Backend):
     def __init__(self, artifact: str | Path, options: OrtOptions | None = None, *, manifest: Manifest | None = None,
                  rank: int = 0, **overrides: Any) -> None:
         super().__init__(artifact, manifest, rank)
-        self.options = _options(options, overrides)
+        self.options = resolve_options(OrtOptions, options, overrides, "ort")
         m = self.manifest
         if m.tp > 1:
             raise BackendError(f"{self.artifact} has tp={m.tp} ranks; one process runs tp=1 artifacts only: "
@@ -97,7 +89,7 @@ class OrtBackend(Backend):
         self.num_layers = m.config.num_layers
         self.kv_shape = (int(m.kv_layout["kv_heads_local"]), m.max_seq, int(m.kv_layout["head_dim"]))
         self.vocab = m.config.vocab_size
-        self.session = _session(m.rank_file(self.artifact, rank), self.options)
+        self.session = create_session(m.rank_file(self.artifact, rank), self.options)
         self._check_io()
 
     # ------------------------------------------------------------------------------------------- setup
@@ -251,7 +243,10 @@ class OrtBackend(Backend):
         self.session = None
 
 
-def _session(path: Path, options: OrtOptions) -> Any:
+def create_session(model: Path | bytes, options: OrtOptions, config: dict[str, str] | None = None,
+                   what: str | None = None) -> Any:
+    """An InferenceSession for `model` (a path, or serialized bytes) with `options`; extra session config
+    entries in `config`. Load failures become one-line BackendErrors naming `what` (default: the path)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -264,6 +259,8 @@ def _session(path: Path, options: OrtOptions) -> Any:
     }[options.graph_optimization_level]
     if options.intra_op_threads:
         so.intra_op_num_threads = options.intra_op_threads
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     if options.device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendError(f"onnxruntime {ort.__version__} has no CUDA execution provider "
@@ -276,9 +273,12 @@ def _session(path: Path, options: OrtOptions) -> Any:
     else:
         providers = [("CPUExecutionProvider", dict(options.provider_options))]
     try:
-        return ort.InferenceSession(str(path), so, providers=providers)
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
         hint = " (allow_cpu_fallback=False refuses the CPU nodes ORT itself assigns)" \
             if options.device == "cuda" and not options.allow_cpu_fallback else ""
-        raise BackendError(f"onnxruntime could not load {path} on {options.device}{hint}: "
+        raise BackendError(f"onnxruntime could not load {what or model} on {options.device}{hint}: "
                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+

@@ -7,7 +7,7 @@ manifest's model config. Caches come from ``Decoder.new_cache`` and are updated 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 from ..export.checkpoint import CheckpointError, load_source
 from ..export.config import ConfigError
 from ..export.manifest import Manifest
-from .backend import Backend, BackendError, StepState, register
+from .backend import Backend, BackendError, StepState, register, resolve_options
 
 
 @dataclass(frozen=True)
@@ -27,14 +27,6 @@ class TorchOptions:
     seed: int | None = None  # weight seed of a preset source; None = the manifest's (0 when it records none)
 
 
-def _options(options: TorchOptions | None, overrides: dict[str, Any]) -> TorchOptions:
-    known = {f.name for f in fields(TorchOptions)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise BackendError(f"unknown torch backend option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return replace(options or TorchOptions(), **overrides)
-
-
 @register("torch")
 class TorchBackend(Backend):
     """Reference backend. step() returns np.ndarray logits on the CPU, a torch.Tensor on CUDA."""
@@ -42,7 +34,7 @@ class TorchBackend(Backend):
     def __init__(self, artifact: str | Path, options: TorchOptions | None = None, *, manifest: Manifest | None = None,
                  rank: int = 0, **overrides: Any) -> None:
         super().__init__(artifact, manifest, rank)
-        self.options = _options(options, overrides)
+        self.options = resolve_options(TorchOptions, options, overrides, "torch")
         m = self.manifest
         if m.tp > 1:
             raise BackendError(f"{self.artifact} has tp={m.tp}; the torch reference backend runs tp=1 artifacts only "

@@ -28,9 +28,8 @@ from typing import Any
 import numpy as np
 
 from ..export.manifest import Manifest
-from ..export.trace import STEP_INPUTS
-from .backend import Backend, BackendError, StepState, register
-from .ort_backend import OrtOptions, _options
+from .backend import Backend, BackendError, StepState, register, resolve_options
+from .ort_backend import STEP_INPUTS, OrtOptions, create_session
 
 TORCH_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 OP_ALLOCATE, OP_STEP, OP_STOP = 1, 2, 3
@@ -164,35 +163,16 @@ def _on_torch_stream(options: OrtOptions) -> OrtOptions:
 
 
 def _session(model: bytes, folder: Path, options: OrtOptions) -> Any:
-    """An InferenceSession of one segment (bytes; external initializers resolved in the artifact folder)."""
-    import onnxruntime as ort
+    """An InferenceSession of one segment (bytes; external initializers resolved in the artifact folder).
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[options.graph_optimization_level]
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-    # 2L+1 sessions, one running at a time: idle pools must not spin and steal the cores (CPU), and on CUDA the
-    # host side only runs shape arithmetic, so one thread per session (not one pool of all cores per session)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if options.intra_op_threads or options.device == "cuda":
-        so.intra_op_num_threads = options.intra_op_threads or 1
-    if options.device == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BackendError(f"onnxruntime {ort.__version__} has no CUDA execution provider; install "
-                               f"onnxruntime-gpu or use --device cpu")
-        if not options.allow_cpu_fallback:
-            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        providers = [("CUDAExecutionProvider", {"device_id": options.device_id, **options.provider_options})]
-    else:
-        providers = [("CPUExecutionProvider", dict(options.provider_options))]
-    try:
-        return ort.InferenceSession(model, so, providers=providers)
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise BackendError(f"onnxruntime could not load a tensor-parallel segment on {options.device}: "
-                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    2L+1 sessions, one running at a time: idle pools must not spin and steal the cores (CPU), and on CUDA the
+    host side only runs shape arithmetic, so one thread per session (not one pool of all cores per session).
+    """
+    if options.device == "cuda" and not options.intra_op_threads:
+        options = replace(options, intra_op_threads=1)
+    config = {"session.model_external_initializers_file_folder_path": str(folder),
+              "session.intra_op.allow_spinning": "0"}
+    return create_session(model, options, config, what="a tensor-parallel segment")
 
 
 # ---------------------------------------------------------------------------------------------------- backend
@@ -210,7 +190,7 @@ class TpOrtBackend(Backend):
 
         self.group = group or Group()
         super().__init__(artifact, manifest, self.group.rank)
-        self.options = _options(options, overrides)
+        self.options = resolve_options(OrtOptions, options, overrides, "ort-tp")
         if partition is None and self.manifest.tp != self.group.world:
             raise TpError(f"{self.artifact} has tp={self.manifest.tp} but the process group has {self.group.world} "
                           f"rank(s); run it with `decodekit launch {self.artifact} --nproc {self.manifest.tp}`")

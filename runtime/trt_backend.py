@@ -18,7 +18,7 @@ step() returns logits as a torch.Tensor on the GPU; the buffer is reused: its co
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from ..export.manifest import Manifest
 from ..export.trace import STEP_INPUTS, past_names, present_names
 from ..graphs.trt import api
 from ..graphs.trt.profiles import profile_for
-from .backend import Backend, BackendError, StepState, register
+from .backend import Backend, BackendError, StepState, register, resolve_options
 
 TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
                 "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
@@ -53,20 +53,12 @@ class TrtHandles:
     token: int = field(default_factory=itertools.count().__next__)  # identifies the state in a context's binding
 
 
-def _options(options: TensorRTOptions | None, overrides: dict[str, Any]) -> TensorRTOptions:
-    known = {f.name for f in fields(TensorRTOptions)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise BackendError(f"unknown tensorrt backend option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return replace(options or TensorRTOptions(), **overrides)
-
-
 @register("tensorrt")
 class TensorRTBackend(Backend):
     def __init__(self, artifact: str | Path, options: TensorRTOptions | None = None, *, manifest: Manifest | None = None,
                  rank: int = 0, **overrides: Any) -> None:
         super().__init__(artifact, manifest, rank)
-        self.options = _options(options, overrides)
+        self.options = resolve_options(TensorRTOptions, options, overrides, "tensorrt")
         entry = _engine_entry(self.artifact, self.manifest, rank)
         torch = _cuda_torch()
         self.t = api.load()
