@@ -73,6 +73,7 @@ def export_artifact(source: str, out: str | Path, options: ExportOptions = Expor
             max_batch=options.max_batch, max_seq=options.max_seq, logits=options.logits, ranks=ranks,
             inputs=_specs(first.graph.input), outputs=_specs(first.graph.output),
             kv_layout=kv_layout(model, options), source=source,
+            seed=options.seed if source.startswith("preset:") else None,
             tokenizer=[file_entry(tmp, n) for n in tokenizer])
         write_manifest(tmp, manifest)
         commit_output(tmp, out)

@@ -61,6 +61,7 @@ class Manifest:
     outputs: list[TensorSpec]
     kv_layout: dict[str, Any]
     source: str = ""
+    seed: int | None = None  # weight seed of a preset:NAME source (random weights): the torch backend rebuilds them
     tokenizer: list[FileEntry] = field(default_factory=list)
     passes: list[dict[str, Any]] = field(default_factory=list)
     engines: dict[str, Any] = field(default_factory=dict)

@@ -15,20 +15,10 @@ import torch
 from torch import nn
 
 from .model import Decoder
+from .names import STEP_INPUTS, past_names, present_names  # noqa: F401 - re-exported
 from .ops import ONNX_OPSET
 
 IR_VERSION = 10  # onnxruntime-gpu 1.31 reads ir_version <= 10
-STEP_INPUTS = ("input_ids", "position_ids", "write_indices", "nonpad_kv_seqlen")
-
-
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
 class _Step(nn.Module):
     """Flat-signature wrapper: the graph's inputs and outputs in contract order."""
 

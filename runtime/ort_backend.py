@@ -20,17 +20,7 @@ import numpy as np
 from ..export.manifest import Manifest
 from .backend import Backend, BackendError, StepState, register, resolve_options
 
-# The contract's I/O names (as export/trace.py writes them; not imported from there: it imports torch).
-STEP_INPUTS = ("input_ids", "position_ids", "write_indices", "nonpad_kv_seqlen")
-
-
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
+from ..export.names import STEP_INPUTS, past_names, present_names  # noqa: F401 - re-exported
 
 ONNX_TYPES = {"fp32": 1, "fp16": 10, "bf16": 16}  # TensorProto element types of the cache / logits
 NUMPY_TYPES = {"fp32": np.float32, "fp16": np.float16}

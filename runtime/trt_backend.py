@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..export.manifest import Manifest
-from ..export.trace import STEP_INPUTS, past_names, present_names
+from ..export.names import STEP_INPUTS, past_names, present_names
 from ..graphs.trt import api
 from ..graphs.trt.profiles import profile_for
 from .backend import Backend, BackendError, StepState, register, resolve_options

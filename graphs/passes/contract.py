@@ -10,7 +10,7 @@ import onnx_ir as ir
 from .base import PassOutcome, ReportingPass
 
 IR_VERSION = 10  # onnxruntime-gpu 1.31 reads ir_version <= 10 (export/trace.py)
-STEP_INPUTS = ("input_ids", "position_ids", "write_indices", "nonpad_kv_seqlen")
+from ...export.names import STEP_INPUTS
 
 
 def io_signature(model: ir.Model) -> tuple[list[str], list[str]]:
