@@ -28,25 +28,30 @@ from .passes.dead_code import DeadCodeEliminationPass
 from .passes.fold_constants import FoldConstantsPass
 from .passes.fuse_std import FuseStdPass
 from .passes.precision import PRECISIONS, ConvertPrecisionPass
+from .passes.quantize import QuantizePass, QuantOptions
 from .passes.shape_inference import ShapeInferencePass
 
 Progress = Callable[[str], None]
 
 
 def build_passes(dialect: Dialect, dtype: str | None, signature: tuple[list[str], list[str]],
-                 debug: bool = False) -> list[ReportingPass]:
+                 debug: bool = False, quantize: QuantOptions | None = None) -> list[ReportingPass]:
+    # quantize runs after the back end's folding, which would otherwise fold DequantizeLinear(constant) away
     return [
         FoldConstantsPass(debug), ShapeInferencePass(debug), FuseStdPass(debug), DeadCodeEliminationPass(debug),
-        ConvertPrecisionPass(dtype, debug),
+        ConvertPrecisionPass(dtype, debug, softmax_attr=dialect.name != "std"),
         *dialect.lowering(debug),
-        FoldConstantsPass(debug), CsePass(debug), DeadCodeEliminationPass(debug), ShapeInferencePass(debug),
+        FoldConstantsPass(debug), CsePass(debug), DeadCodeEliminationPass(debug),
+        *([QuantizePass(quantize, debug)] if quantize is not None else []),
+        ShapeInferencePass(debug),
         ContractPass(signature, debug),
     ]
 
 
-def optimize_model(model: ir.Model, dialect: str, dtype: str | None = None, debug: bool = False) -> list[PassReport]:
+def optimize_model(model: ir.Model, dialect: str, dtype: str | None = None, debug: bool = False,
+                   quantize: QuantOptions | None = None) -> list[PassReport]:
     """Run the pipeline in place on one rank's model; returns one report per pass."""
-    passes = build_passes(get_dialect(dialect), dtype, io_signature(model), debug)
+    passes = build_passes(get_dialect(dialect), dtype, io_signature(model), debug, quantize)
     try:
         ir.passes.Sequential(*passes)(model)
     except Exception as e:  # onnx_ir wraps pass failures; surface a user-facing one as itself
@@ -60,8 +65,10 @@ def optimize_model(model: ir.Model, dialect: str, dtype: str | None = None, debu
 
 
 def optimize(artifact: str | Path, out: str | Path, dialect: str, dtype: str | None = None, debug: bool = False,
-             force: bool = False, progress: Progress = lambda msg: None) -> tuple[Manifest, dict[str, Any]]:
-    """Write a new artifact at OUT in `dialect` (and `dtype`); returns its manifest and the per-pass report."""
+             force: bool = False, progress: Progress = lambda msg: None,
+             quantize: QuantOptions | None = None) -> tuple[Manifest, dict[str, Any]]:
+    """Write a new artifact at OUT in `dialect` (and `dtype`, weight-only `quantize`d); returns its manifest and
+    the per-pass report. The quantization scheme ("int4-b32-sym") is the quantize pass entry's "scheme"."""
     src, out = Path(artifact), Path(out)
     target = get_dialect(dialect)
     if dtype is not None and dtype not in PRECISIONS:
@@ -78,9 +85,10 @@ def optimize(artifact: str | Path, out: str | Path, dialect: str, dtype: str | N
         for entry in manifest.ranks:
             progress(f"rank {entry.rank + 1}/{manifest.tp}: {manifest.dialect} -> {target.name}")
             model = ir.load(str(src / entry.onnx.file))
-            passes = optimize_model(model, target.name, dtype, debug)
+            passes = optimize_model(model, target.name, dtype, debug, quantize)
             ranks.append(_save_rank(model, tmp, entry.rank))
-            reports.append({"rank": entry.rank, "passes": [p.to_dict() for p in passes], "ops": dict(op_counts(model))})
+            reports.append({"rank": entry.rank, "passes": [_pass_dict(p, quantize) for p in passes],
+                            "ops": dict(op_counts(model))})
         for f in manifest.tokenizer:
             shutil.copy2(src / f.file, tmp / f.file)
         new = _manifest(manifest, model, target, dtype, ranks, reports)
@@ -91,10 +99,18 @@ def optimize(artifact: str | Path, out: str | Path, dialect: str, dtype: str | N
         raise
     progress(f"wrote {out}")
     return new, {"artifact": str(out), "source": str(src), "dialect": new.dialect, "dtype": new.dtype,
+                 "quantization": quantize.scheme if quantize else None,
                  "counts": summary(reports[0]["passes"]), "ranks": reports}
 
 
-REWRITING = ("fuse-std", "lower-ort-gqa", "lower-decomposed")
+def _pass_dict(p: PassReport, quantize: QuantOptions | None) -> dict[str, Any]:
+    d = p.to_dict()
+    if p.name == QuantizePass.name and quantize is not None:
+        d["scheme"] = quantize.scheme
+    return d
+
+
+REWRITING = ("fuse-std", "lower-ort-gqa", "lower-decomposed", "quantize")
 
 
 def summary(passes: list[dict[str, Any]]) -> dict[str, dict[str, int]]:

@@ -1,4 +1,4 @@
-"""decodekit optimize ARTIFACT -o OUT --dialect std|ort-gqa|decomposed [--dtype fp16|bf16]."""
+"""decodekit optimize ARTIFACT -o OUT --dialect std|ort-gqa|decomposed [--dtype fp16|bf16] [--quantize int4|int8 ...]."""
 
 from __future__ import annotations
 
@@ -13,15 +13,30 @@ import click
 @click.option("--dialect", required=True, help="target dialect: std, ort-gqa, ort-gqa-uniform (onnxruntime < 1.32) or decomposed")
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]),
               help="convert weights, activations, KV cache and logits (default: keep the artifact's)")
+@click.option("--quantize", "quant", default=None, type=click.Choice(["int4", "int8"]),
+              help="weight-only blockwise quantization of the linear layers (embeddings, norms and the LM head kept)")
+@click.option("--block-size", default=32, show_default=True, type=click.Choice(["16", "32", "64", "128", "256"]),
+              help="quantization block length along K")
+@click.option("--symmetric/--asymmetric", default=True, show_default=True, help="zero point 2^(bits-1) or per block")
+@click.option("--quantize-lm-head/--no-quantize-lm-head", default=False, show_default=True)
+@click.option("--quant-format", default="ort", show_default=True, type=click.Choice(["ort", "qdq"]),
+              help="ort: com.microsoft MatMulNBits (ONNX Runtime); qdq: blocked DequantizeLinear -> MatMul (TensorRT)")
+@click.option("--accuracy-level", default=None, type=click.IntRange(0, 4),
+              help="MatMulNBits accuracy_level (4 = int8 activations in ORT's CPU kernel; default: the kernel's)")
 @click.option("--debug", is_flag=True, help="also report why each rewrite rule did not match where it came closest")
 @click.option("--force", is_flag=True, help="replace a non-empty OUT")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON document")
-def command(artifact: str, out: str, dialect: str, dtype: str | None, debug: bool, force: bool, as_json: bool) -> None:
+def command(artifact: str, out: str, dialect: str, dtype: str | None, quant: str | None, block_size: str,
+            symmetric: bool, quantize_lm_head: bool, quant_format: str, accuracy_level: int | None, debug: bool,
+            force: bool, as_json: bool) -> None:
     """Fold, fuse and lower ARTIFACT's graphs into DIALECT (and DTYPE), writing a new artifact at OUT."""
+    from ..graphs.passes.quantize import QuantOptions
     from ..graphs.pipeline import optimize
 
+    quantize = None if quant is None else QuantOptions(int(quant[3:]), int(block_size), symmetric, quantize_lm_head,
+                                                       quant_format, accuracy_level)
     _, report = optimize(artifact, out, dialect, dtype, debug=debug, force=force,
-                         progress=lambda m: click.echo(f"[optimize] {m}", err=True))
+                         progress=lambda m: click.echo(f"[optimize] {m}", err=True), quantize=quantize)
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -32,4 +47,5 @@ def command(artifact: str, out: str, dialect: str, dtype: str | None, debug: boo
             for rule, reasons in p.get("why_not", {}).items():
                 for reason in reasons:
                     click.echo(f"    {rule} did not match {reason}")
-    click.echo(f"{report['artifact']}: {report['dialect']} {report['dtype']} {json.dumps(report['counts'])}")
+    scheme = f" {report['quantization']}" if report.get("quantization") else ""
+    click.echo(f"{report['artifact']}: {report['dialect']} {report['dtype']}{scheme} {json.dumps(report['counts'])}")

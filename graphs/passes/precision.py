@@ -3,8 +3,11 @@
 - Every float initializer, Constant / ConstantOfShape value, Cast target and value type of the source
   float dtype becomes the target dtype, graph I/O included: the KV caches (past and present) and logits
   change dtype together, so past/present still bind to one buffer. Integer inputs are untouched.
-- fp32 is kept where the op allows it: RMSNormalization keeps stash_type=1 (fp32 statistics) and Attention
-  gets softmax_precision=1 (fp32 softmax) whenever the result is fp16/bf16, also when nothing is converted.
+- fp32 is kept where the op allows it: RMSNormalization keeps stash_type=1 (fp32 statistics) and, when the
+  target reads it (softmax_attr, set by the pipeline for dialects that lower Attention: the decomposed form
+  then computes its softmax in fp32), Attention gets softmax_precision=1 whenever the result is fp16/bf16.
+  The std dialect leaves the attribute out: TensorRT-RTX 1.7 refuses it ("Setting softmax precision is not
+  supported in TensorRT Attention"; its fused kernels accumulate in fp32), and ORT CPU's result is the same.
 
 It requires one float dtype throughout (no mixed-precision islands): the pipeline runs it on the std graph
 before any lowering, so decompositions and contrib ops are created in the target dtype.
@@ -37,8 +40,9 @@ def float_dtypes(model: ir.Model) -> set[ir.DataType]:
 class ConvertPrecisionPass(ReportingPass):
     name = "precision"
 
-    def __init__(self, dtype: str | None, debug: bool = False) -> None:
+    def __init__(self, dtype: str | None, debug: bool = False, softmax_attr: bool = True) -> None:
         super().__init__(debug)
+        self.softmax_attr = softmax_attr
         if dtype is not None and dtype not in PRECISIONS:
             raise DialectError(f"unsupported dtype {dtype!r}; use one of {', '.join(PRECISIONS)}")
         self.dtype = dtype
@@ -60,7 +64,7 @@ class ConvertPrecisionPass(ReportingPass):
         counts = {"initializers": 0, "constants": 0, "values": 0, "casts": 0}
         if source is not None and target != source:
             counts = _convert(model.graph, source, target)
-        counts.update(_fp32_policy(model.graph, target))
+        counts.update(_fp32_policy(model.graph, target, self.softmax_attr))
         return PassOutcome(any(counts.values()), counts)
 
 
@@ -89,7 +93,7 @@ def _cast_tensor(tensor: ir.TensorProtocol, target: ir.DataType, name: str | Non
     return ir.Tensor(np.asarray(tensor.numpy()).astype(target.numpy()), dtype=target, name=name)
 
 
-def _fp32_policy(graph: ir.Graph, target: ir.DataType | None) -> dict[str, int]:
+def _fp32_policy(graph: ir.Graph, target: ir.DataType | None, softmax_attr: bool) -> dict[str, int]:
     """fp32 statistics and softmax inside low-precision graphs, where the op has an attribute for it."""
     counts = {"rmsnorm_fp32_stash": 0, "attention_fp32_softmax": 0}
     if target in (None, ir.DataType.FLOAT, ir.DataType.DOUBLE):
@@ -100,7 +104,7 @@ def _fp32_policy(graph: ir.Graph, target: ir.DataType | None) -> dict[str, int]:
         if node.op_type == "RMSNormalization" and _int(node, "stash_type", 1) != 1:
             node.attributes["stash_type"] = ir.AttrInt64("stash_type", 1)
             counts["rmsnorm_fp32_stash"] += 1
-        if node.op_type == "Attention" and _int(node, "softmax_precision", 0) != int(ir.DataType.FLOAT):
+        if softmax_attr and node.op_type == "Attention" and _int(node, "softmax_precision", 0) != int(ir.DataType.FLOAT):
             node.attributes["softmax_precision"] = ir.AttrInt64("softmax_precision", int(ir.DataType.FLOAT))
             counts["attention_fp32_softmax"] += 1
     return counts

@@ -1,0 +1,172 @@
+"""Weight-only blockwise quantization of the linear layers: MatMul(x, W) with W a constant 2-D float initializer.
+
+The exporter emits every nn.Linear as MatMul(x, W^T) with W^T [K, N] an initializer (after the front end's
+constant folding). Each such weight is quantized in blocks along K (graphs/quant.py holds the math) and the
+MatMul is replaced by, per ``QuantOptions.format``:
+
+    ort   com.microsoft MatMulNBits(A, B uint8 [N, k_blocks, blob], scales [N, k_blocks] [, zero_points packed uint8])
+          attributes K, N, bits, block_size [, accuracy_level]: ONNX Runtime's fused weight-only kernel
+    qdq   DequantizeLinear(codes [K, N] int4/int8 or uint4/uint8, scales [k_blocks, N] [, zero points], axis=0,
+          block_size) -> MatMul: standard ONNX (opset 21+ blocked quantization) that TensorRT's parser imports
+          as weight-only quantization. Symmetric scales are positive here (absmax / (2^(bits-1) - 1)): TensorRT
+          refuses negative ones. TensorRT-RTX 1.7 imports only the symmetric (signed int4/int8, no zero point)
+          form, and needs K to be a multiple of the block size.
+
+Embeddings (Gather), norms and every non-MatMul weight keep their precision; the LM head (the MatMul producing
+the vocabulary dimension) is kept unless ``lm_head=True``. The pipeline runs this pass after the back end's
+constant folding, so the DequantizeLinear of the qdq form is not folded back into a float weight.
+
+Report counts: {"MatMulNBits" or "DequantizeLinear": n, "skipped_lm_head": 0|1, "skipped_shape": n,
+"bytes_before": weight bytes of the quantized MatMuls before, "bytes_after": the same after (codes + scales
++ zero points)}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from .. import quant
+from .base import DialectError, PassOutcome, ReportingPass
+
+FORMATS = ("ort", "qdq")
+_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = True
+    lm_head: bool = False
+    format: str = "ort"
+    accuracy_level: int | None = None  # MatMulNBits only: 0/None = compute in the activation type, 4 = int8
+
+    def __post_init__(self) -> None:
+        if self.bits not in quant.BITS:
+            raise DialectError(f"unsupported quantization bits {self.bits}; use int4 or int8")
+        if self.block_size not in quant.BLOCK_SIZES:
+            raise DialectError(f"unsupported block size {self.block_size}; use one of "
+                               f"{', '.join(map(str, quant.BLOCK_SIZES))}")
+        if self.format not in FORMATS:
+            raise DialectError(f"unsupported quantization format {self.format!r}; use one of {', '.join(FORMATS)}")
+
+    @property
+    def scheme(self) -> str:
+        """e.g. "int4-b32-sym" (+ "-lmhead" when the LM head is quantized, "-qdq" for the DequantizeLinear form)."""
+        s = f"int{self.bits}-b{self.block_size}-{'sym' if self.symmetric else 'asym'}"
+        return s + ("-lmhead" if self.lm_head else "") + ("-qdq" if self.format == "qdq" else "")
+
+
+def _vocab(graph: ir.Graph) -> int | None:
+    for v in graph.outputs:
+        if v.name == "logits" and v.shape is not None and isinstance(v.shape[-1], int):
+            return int(v.shape[-1])
+    for node in graph:
+        if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].const_value is not None:
+            return int(node.inputs[0].const_value.shape[0])
+    return None
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
+    tensor = ir.Tensor(array, dtype=dtype, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _unique(graph: ir.Graph, name: str) -> str:
+    out, i = name, 0
+    while out in graph.initializers:
+        i += 1
+        out = f"{name}_{i}"
+    return out
+
+
+class QuantizePass(ReportingPass):
+    name = "quantize"
+
+    def __init__(self, options: QuantOptions, debug: bool = False) -> None:
+        super().__init__(debug)
+        self.options = options
+
+    def run(self, model: ir.Model) -> PassOutcome:
+        o, graph = self.options, model.graph
+        op = "MatMulNBits" if o.format == "ort" else "DequantizeLinear"
+        counts = {op: 0, "skipped_lm_head": 0, "skipped_shape": 0, "bytes_before": 0, "bytes_after": 0}
+        why_not: dict[str, list[str]] = {}
+        vocab = _vocab(graph)
+        targets = []
+        for node in graph:
+            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+                continue
+            w = node.inputs[1]
+            if w is None or w.const_value is None or w.const_value.dtype not in _FLOATS \
+                    or len(w.const_value.shape) != 2:
+                continue
+            k, n = (int(d) for d in w.const_value.shape)
+            is_head = (vocab is not None and n == vocab) or any(out in graph.outputs for out in node.outputs)
+            if is_head and not o.lm_head:
+                counts["skipped_lm_head"] += 1
+                continue
+            if k < 16 or (o.format == "ort" and o.bits == 4 and k % 2):
+                counts["skipped_shape"] += 1
+                if self.debug:
+                    why_not.setdefault(op, []).append(f"at {node.name}: weight {w.name} [{k}, {n}] too small")
+                continue
+            targets.append(node)
+        if o.format == "ort" and targets:
+            model.opset_imports.setdefault("com.microsoft", 1)
+        for node in targets:
+            w = node.inputs[1]
+            dtype = w.const_value.dtype
+            counts["bytes_before"] += w.const_value.nbytes
+            q = quant.quantize_blockwise(np.asarray(w.const_value.numpy(), np.float32), o.bits, o.block_size,
+                                         o.symmetric, positive_scales=o.format == "qdq")
+            new_inits = self._ort(graph, node, w, q, dtype) if o.format == "ort" else self._qdq(graph, node, w, q, dtype)
+            counts["bytes_after"] += sum(v.const_value.nbytes for v in new_inits)
+            counts[op] += 1
+            if not w.uses() and not w.is_graph_output():
+                graph.initializers.pop(w.name)
+        return PassOutcome(bool(targets), counts, why_not)
+
+    def _ort(self, graph: ir.Graph, node: ir.Node, w: ir.Value, q: quant.Blockwise, dtype: ir.DataType) -> list[ir.Value]:
+        o = self.options
+        b, scales, zp = quant.matmul_nbits_tensors(q)
+        base = w.name or node.name
+        inits = [_initializer(graph, _unique(graph, f"{base}_Q{o.bits}"), b, ir.DataType.UINT8),
+                 _initializer(graph, _unique(graph, f"{base}_scales"), scales.astype(dtype.numpy()), dtype)]
+        if zp is not None:
+            inits.append(_initializer(graph, _unique(graph, f"{base}_zero_points"), zp, ir.DataType.UINT8))
+        attrs = {"K": q.k, "N": int(b.shape[0]), "bits": o.bits, "block_size": o.block_size}
+        if o.accuracy_level is not None:
+            attrs["accuracy_level"] = o.accuracy_level
+        new = ir.node("MatMulNBits", [node.inputs[0], *inits], attrs, domain="com.microsoft",
+                      name=f"{node.name}_nbits")
+        new.outputs[0].dtype, new.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+        return inits
+
+    def _qdq(self, graph: ir.Graph, node: ir.Node, w: ir.Value, q: quant.Blockwise, dtype: ir.DataType) -> list[ir.Value]:
+        o = self.options
+        codes, scales, zp = quant.qdq_tensors(q)
+        base = w.name or node.name
+        if o.bits == 4:
+            ctype = ir.DataType.INT4 if q.symmetric else ir.DataType.UINT4
+            codes = codes.astype(ml_dtypes.int4 if q.symmetric else ml_dtypes.uint4)
+            zp = None if zp is None else zp.astype(ml_dtypes.uint4)
+        else:
+            ctype = ir.DataType.INT8 if q.symmetric else ir.DataType.UINT8
+        inits = [_initializer(graph, _unique(graph, f"{base}_q{o.bits}"), codes, ctype),
+                 _initializer(graph, _unique(graph, f"{base}_scales"), scales.astype(dtype.numpy()), dtype)]
+        if zp is not None:
+            inits.append(_initializer(graph, _unique(graph, f"{base}_zero_points"), zp, ctype))
+        dq = ir.node("DequantizeLinear", inits, {"axis": 0, "block_size": o.block_size}, name=f"{node.name}_dq")
+        dq.outputs[0].name = f"{base}_dq"
+        dq.outputs[0].dtype, dq.outputs[0].shape = dtype, ir.Shape([q.k, int(scales.shape[1])])
+        graph.insert_before(node, dq)
+        node.replace_input_with(1, dq.outputs[0])
+        return inits

@@ -1,0 +1,130 @@
+"""Blockwise weight-only quantization math (numpy only): quantize, pack and dequantize a MatMul weight W [K, N].
+
+Blocks run along K (the reduction axis): each column n of W is cut into ceil(K / block) blocks of `block`
+rows (the last one zero-padded), and each block gets one scale (and, asymmetric, one zero point).
+
+    symmetric   m = the block's value of largest magnitude (sign kept); scale = m / -2^(bits-1);
+                q = clip(round(w / scale) + 2^(bits-1), 0, 2^bits - 1); zero point = 2^(bits-1) implicitly
+                (ONNX Runtime's MatMulNBits default: 8 for int4, 128 for int8). The extreme value maps to code 0
+                exactly, which gives one more level than absmax / (2^(bits-1) - 1).
+    asymmetric  lo = min(0, min w), hi = max(0, max w); scale = (hi - lo) / (2^bits - 1);
+                zp = clip(round(-lo / scale), 0, 2^bits - 1); q = clip(round(w / scale) + zp, 0, 2^bits - 1)
+
+    dequantize  w ~= (q - zp) * scale
+
+Layouts produced:
+    MatMulNBits (com.microsoft)   B uint8 [N, k_blocks, block * bits / 8], codes packed low-nibble-first along K;
+                                  scales [N, k_blocks]; zero points uint8 [N, ceil(k_blocks * bits / 8)]
+                                  (4-bit: two per byte, low nibble first; 8-bit: one per byte)
+    DequantizeLinear (opset 21+)  blocked along axis 0: codes [K, N] (int4/int8 symmetric with zero point 0,
+                                  uint4/uint8 asymmetric), scales and zero points [ceil(K / block), N]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BITS = (4, 8)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Blockwise:
+    """Quantized W [K, N]: unsigned codes [N, k_blocks, block] (uint8, zero-padded past K), scales and zero
+    points [N, k_blocks] (zero points are the codes' offset: 2^(bits-1) when symmetric)."""
+
+    codes: np.ndarray
+    scales: np.ndarray  # float32
+    zero_points: np.ndarray  # uint8
+    bits: int
+    block: int
+    k: int
+    symmetric: bool
+
+
+def quantize_blockwise(w: np.ndarray, bits: int, block: int, symmetric: bool,
+                       positive_scales: bool = False) -> Blockwise:
+    """positive_scales (symmetric only): scale = absmax / (2^(bits-1) - 1) > 0 instead of the signed extreme / -2^(bits-1);
+    TensorRT's DequantizeLinear import requires positive scales ("Scale coefficients must all be positive")."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    if block not in BLOCK_SIZES:
+        raise ValueError(f"block size must be one of {BLOCK_SIZES}, got {block}")
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight [K, N], got shape {w.shape}")
+    k, n = w.shape
+    nb = -(-k // block)
+    padded = np.zeros((nb * block, n), np.float32)
+    padded[:k] = w
+    x = padded.T.reshape(n, nb, block)  # [N, k_blocks, block]
+    qmax = (1 << bits) - 1
+    if symmetric:
+        half = 1 << (bits - 1)
+        idx = np.abs(x).argmax(axis=-1)[..., None]
+        m = np.take_along_axis(x, idx, axis=-1)[..., 0]
+        scales = np.abs(m) / float(half - 1) if positive_scales else m / -float(half)
+        safe = np.where(scales == 0, 1.0, scales)
+        zp = np.full((n, nb), half, np.uint8)
+    else:
+        lo, hi = np.minimum(x.min(axis=-1), 0.0), np.maximum(x.max(axis=-1), 0.0)
+        scales = (hi - lo) / qmax
+        safe = np.where(scales == 0, 1.0, scales)
+        zp = np.clip(np.round(-lo / safe), 0, qmax).astype(np.uint8)
+    codes = np.clip(np.round(x / safe[..., None]) + zp[..., None], 0, qmax).astype(np.uint8)
+    return Blockwise(codes, scales.astype(np.float32), zp, bits, block, k, symmetric)
+
+
+def dequantize(q: Blockwise) -> np.ndarray:
+    """The reference formula: W[k, n] = (code - zp) * scale, back in [K, N] float32."""
+    x = (q.codes.astype(np.float32) - q.zero_points[..., None].astype(np.float32)) * q.scales[..., None]
+    n, nb, block = x.shape
+    return x.reshape(n, nb * block).T[: q.k]
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes along the last axis: 8-bit as is, 4-bit two per byte, element 2i in the low nibble."""
+    codes = np.asarray(codes, np.uint8)
+    if bits == 8:
+        return codes.copy()
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (codes[..., 0::2] & 0x0F) | ((codes[..., 1::2] & 0x0F) << 4)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    packed = np.asarray(packed, np.uint8)
+    if bits == 8:
+        return packed[..., :count].copy()
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
+    out[..., 0::2], out[..., 1::2] = packed & 0x0F, packed >> 4
+    return out[..., :count]
+
+
+def matmul_nbits_tensors(q: Blockwise) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(B uint8 [N, k_blocks, blob], scales float32 [N, k_blocks], packed zero points or None when symmetric)."""
+    b = pack_codes(q.codes, q.bits)
+    zp = None if q.symmetric else pack_codes(q.zero_points, q.bits)
+    return b, q.scales, zp
+
+
+def dequantize_matmul_nbits(b: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, k: int, n: int,
+                            bits: int, block: int) -> np.ndarray:
+    """MatMulNBits' reference semantics on its own inputs (default zero point 2^(bits-1)) -> W [K, N]."""
+    nb = -(-k // block)
+    codes = unpack_codes(b.reshape(n, nb, -1), bits, block)
+    z = (np.full((n, nb), 1 << (bits - 1), np.uint8) if zp is None
+         else unpack_codes(zp.reshape(n, -1), bits, nb))
+    return dequantize(Blockwise(codes, scales.reshape(n, nb).astype(np.float32), z, bits, block, k, zp is None))
+
+
+def qdq_tensors(q: Blockwise) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(codes [K, N] int8 (symmetric, values in [-2^(bits-1), 2^(bits-1) - 1]) or uint8 (asymmetric),
+    scales float32 [k_blocks, N], zero points uint8 [k_blocks, N] or None) for a blocked DequantizeLinear."""
+    n, nb, block = q.codes.shape
+    codes = q.codes.reshape(n, nb * block).T[: q.k]
+    if q.symmetric:
+        return (codes.astype(np.int16) - (1 << (q.bits - 1))).astype(np.int8), q.scales.T.copy(), None
+    return codes.copy(), q.scales.T.copy(), q.zero_points.T.copy()
