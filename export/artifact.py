@@ -7,7 +7,6 @@ interrupted export never leaves a half-written artifact at OUT.
 from __future__ import annotations
 
 import copy
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import onnx
 
 from .checkpoint import DTYPES, load_source, source_config
 from .config import ConfigError
-from .folders import EXTERNAL_DATA_THRESHOLD, ONNX_DTYPES, commit_output, prepare_output
+from .folders import EXTERNAL_DATA_THRESHOLD, ONNX_DTYPES, atomic_folder
 from .manifest import Manifest, RankEntry, TensorSpec, file_entry, write_manifest
 from .model import Decoder
 from .ops import ONNX_OPSET
@@ -57,14 +56,9 @@ def export_artifact(source: str, out: str | Path, options: ExportOptions = Expor
     if options.max_seq > config.max_position_embeddings:
         raise ConfigError(f"--max-seq {options.max_seq} exceeds the model's max_position_embeddings "
                           f"{config.max_position_embeddings}")
-    tmp = prepare_output(out, options.force)
-    try:
+    with atomic_folder(out, options.force) as tmp:
         progress(f"loading {source} ({options.dtype}, {config.num_parameters() / 1e6:.1f}M parameters)")
         model = load_source(source, options.dtype, rope_positions=options.max_seq, seed=options.seed)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
         ranks = [_export_rank(model, r, options, tmp, progress) for r in range(options.tp)]
         tokenizer = _tokenizer(source, model, tmp)
         first = onnx.load(str(tmp / ranks[0].onnx.file), load_external_data=False)
@@ -76,10 +70,6 @@ def export_artifact(source: str, out: str | Path, options: ExportOptions = Expor
             seed=options.seed if source.startswith("preset:") else None,
             tokenizer=[file_entry(tmp, n) for n in tokenizer])
         write_manifest(tmp, manifest)
-        commit_output(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     progress(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return manifest
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .config import ConfigError
 
@@ -30,3 +32,16 @@ def commit_output(tmp: Path, out: Path) -> None:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_folder(out: Path, force: bool) -> Iterator[Path]:
+    """Write a folder at `out` all or nothing: yields a temporary sibling, renamed into place when the block
+    ends; on any exception (KeyboardInterrupt included) the temporary folder is removed and `out` untouched."""
+    tmp = prepare_output(Path(out), force)
+    try:
+        yield tmp
+        commit_output(tmp, Path(out))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import onnx_ir as ir
 
-from ..export.folders import EXTERNAL_DATA_THRESHOLD, ONNX_DTYPES, commit_output, prepare_output
+from ..export.folders import EXTERNAL_DATA_THRESHOLD, ONNX_DTYPES, atomic_folder
 from ..export.config import ConfigError
 from ..export.manifest import Manifest, RankEntry, TensorSpec, file_entry, read_manifest, write_manifest
 from .dialects import READABLE, Dialect, get_dialect
@@ -79,8 +79,7 @@ def optimize(artifact: str | Path, out: str | Path, dialect: str, dtype: str | N
                           f"artifacts: optimize the std export instead")
     if out.resolve() == src.resolve():
         raise ConfigError(f"-o {out} is the input artifact; write the optimized artifact to another folder")
-    tmp = prepare_output(out, force)
-    try:
+    with atomic_folder(out, force) as tmp:
         ranks, reports, model = [], [], None
         for entry in manifest.ranks:
             progress(f"rank {entry.rank + 1}/{manifest.tp}: {manifest.dialect} -> {target.name}")
@@ -93,10 +92,6 @@ def optimize(artifact: str | Path, out: str | Path, dialect: str, dtype: str | N
             shutil.copy2(src / f.file, tmp / f.file)
         new = _manifest(manifest, model, target, dtype, ranks, reports)
         write_manifest(tmp, new)
-        commit_output(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     progress(f"wrote {out}")
     return new, {"artifact": str(out), "source": str(src), "dialect": new.dialect, "dtype": new.dtype,
                  "quantization": quantize.scheme if quantize else None,

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import onnx
 
-from ...export.folders import commit_output, prepare_output
+from ...export.folders import atomic_folder
 from ...export.config import ConfigError
 from ...export.manifest import Manifest, file_entry, read_manifest, write_manifest
 from ...errors import BackendError
@@ -97,8 +97,7 @@ def build_engines(artifact: str | Path, out: str | Path, options: BuildOptions =
                                                  f"{p.seq[2]})" for p in profiles))
     if not api.timing_cache_supported(t) and options.timing_cache:
         progress(f"note: {t.label} has no timing cache (its timing-cache calls are no-ops); --timing-cache ignored")
-    tmp = prepare_output(out, options.force)
-    try:
+    with atomic_folder(out, options.force) as tmp:
         _copy_artifact(artifact, manifest, tmp)
         builds = [_build_rank(t, tmp, manifest, r, profiles, options, cache, progress) for r in range(manifest.tp)]
         _write_build_log(tmp / BUILD_LOG, t, artifact, out, profiles, builds)
@@ -106,10 +105,6 @@ def build_engines(artifact: str | Path, out: str | Path, options: BuildOptions =
                                          for r, b in zip(manifest.ranks, builds)],
                         engines=_summary(t, manifest, profiles, options, cache, builds, tmp))
         write_manifest(tmp, built)
-        commit_output(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     progress(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return built
 
