@@ -65,3 +65,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+TP_MAX_SEQ = 512  # preset:tiny's max_position_embeddings: long runs for the tensor-parallel fault tests
+
+
+@pytest.fixture(scope="module")
+def tp1(exported) -> Path:
+    """preset:tiny at tp=1, shared by the tensor-parallel partition and process tests."""
+    return exported("preset:tiny", tp=1, max_seq=TP_MAX_SEQ, max_batch=2)
+
+
+@pytest.fixture(scope="module")
+def tp2(exported) -> Path:
+    """preset:tiny at tp=2 (two ranks), shared like tp1."""
+    return exported("preset:tiny", tp=2, max_seq=TP_MAX_SEQ, max_batch=2)

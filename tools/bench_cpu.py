@@ -44,6 +44,18 @@ def make_checkpoint(name: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def prepare(name: str, work: Path, prompt_len: int, new_tokens: int) -> tuple[Path, Path]:
+    """The transformers-made checkpoint and decodekit's fp32 artifact of it (made once, reused by later runs)."""
+    from ..export.artifact import ExportOptions, export_artifact
+
+    ckpt = make_checkpoint(name, work / "hf")
+    art = work / "artifact"
+    if not (art / "manifest.json").exists():
+        export_artifact(str(ckpt), art, ExportOptions(max_seq=prompt_len + new_tokens + 8, max_batch=1,
+                                                      logits="last", force=True), progress=log)
+    return ckpt, art
+
+
 def hf_round(model, prompt, new_tokens: int) -> tuple[list[int], list[float]]:
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
@@ -84,16 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import transformers
 
-    from ..export.artifact import ExportOptions, export_artifact
     from ..runtime.ort_backend import OrtBackend
 
-    work = Path(a.work)
-    ckpt = make_checkpoint(a.preset, work / "hf")
-    art = work / "artifact"
-    max_seq = a.prompt_len + a.new_tokens + 8
-    if not (art / "manifest.json").exists():
-        export_artifact(str(ckpt), art, ExportOptions(max_seq=max_seq, max_batch=1, logits="last", force=True),
-                        progress=log)
+    ckpt, art = prepare(a.preset, Path(a.work), a.prompt_len, a.new_tokens)
     c = preset(a.preset)
     hf = transformers.LlamaForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
     runner = OrtBackend(art)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..export.config import preset
-from .bench_cpu import dk_round, hf_round, log, make_checkpoint
+from .bench_cpu import dk_round, hf_round, log, prepare
 from .benchmarking import cpu_read_bandwidth
 
 
@@ -45,18 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import transformers
 
-    from ..export.artifact import ExportOptions, export_artifact
     from ..export.manifest import read_manifest
     from ..graphs.passes.quantize import QuantOptions
     from ..graphs.pipeline import optimize
     from ..runtime.ort_backend import OrtBackend
 
     work = Path(a.work)
-    ckpt = make_checkpoint(a.preset, work / "hf")
-    art = work / "artifact"
-    if not (art / "manifest.json").exists():
-        export_artifact(str(ckpt), art, ExportOptions(max_seq=a.prompt_len + a.new_tokens + 8, max_batch=1,
-                                                      logits="last", force=True), progress=log)
+    ckpt, art = prepare(a.preset, work, a.prompt_len, a.new_tokens)
     qopt = QuantOptions(a.bits, a.block_size, not a.asymmetric, a.quantize_lm_head, "ort", a.accuracy_level)
     qart = work / f"artifact-{qopt.scheme}-acc{a.accuracy_level}"
     t0 = time.perf_counter()

@@ -24,17 +24,9 @@ from decodekit.graphs.tp_partition import (
 )
 
 L = 2  # preset:tiny layers
-MAX_SEQ = 512  # preset:tiny's max_position_embeddings: long runs for the fault tests
+MAX_SEQ = 512  # = conftest TP_MAX_SEQ (tp1 / tp2 fixtures)
 
 
-@pytest.fixture(scope="module")
-def tp1(exported) -> Path:
-    return exported("preset:tiny", tp=1, max_seq=MAX_SEQ, max_batch=2)
-
-
-@pytest.fixture(scope="module")
-def tp2(exported) -> Path:
-    return exported("preset:tiny", tp=2, max_seq=MAX_SEQ, max_batch=2)
 
 
 def _session(model: bytes | str, folder: Path | None = None) -> ort.InferenceSession:

@@ -24,20 +24,12 @@ from decodekit.runtime.launch import launch
 from decodekit.runtime.ort_backend import OrtBackend
 from decodekit.runtime.tp_ort import TpError, TpOrtBackend
 
-MAX_SEQ = 512  # preset:tiny's max_position_embeddings: long runs for the fault tests
+MAX_SEQ = 512  # = conftest TP_MAX_SEQ (tp1 / tp2 fixtures)
 PROMPT = [1, 17, 42, 99, 7]
 STEPS = 64
 DECODEKIT = [sys.executable, "-m", "decodekit.tools.cli"]
 
 
-@pytest.fixture(scope="module")
-def tp1(exported) -> Path:
-    return exported("preset:tiny", tp=1, max_seq=MAX_SEQ, max_batch=2)
-
-
-@pytest.fixture(scope="module")
-def tp2(exported) -> Path:
-    return exported("preset:tiny", tp=2, max_seq=MAX_SEQ, max_batch=2)
 
 
 def _tp1_tokens(tp1: Path, eos: tuple[int, ...] | None = None) -> list[int]:
