@@ -4,6 +4,8 @@
                 re-optimized (folded, fused back from decompositions, CSE/DCE), optionally converted in precision
     ort-gqa     com.microsoft GroupQueryAttention on the shared KV buffer + SkipSimplifiedLayerNormalization:
                 ONNX Runtime's tuned fast path (limits in graphs/passes/lower_ort_gqa.py)
+    ort-gqa-uniform / ort-gqa-static  the 16-input GQA form of onnxruntime < 1.32; -static also keeps
+                lengths off the host, for CUDA graph capture (graphs/passes/lower_ort_gqa.py)
     decomposed  ai.onnx opset 21 only (ScatterElements cache write, MatMul/Softmax attention), for runtimes
                 without the opset-23/24 ops
 """
@@ -39,6 +41,10 @@ DIALECTS: dict[str, Dialect] = {
                 "onnxruntime < 1.32 reads, e.g. onnxruntime-gpu 1.31): prompts of one batch must have equal lengths",
                 "GroupQueryAttention(past/present shared buffer)",
                 lambda debug: (LowerOrtGqaPass(debug=debug, query_seqlens=False),)),
+        Dialect("ort-gqa-static", "ort-gqa-uniform with total_sequence_length from shapes alone (max_seq at "
+                "one-token steps): the decode step onnxruntime-gpu captures as a CUDA graph; multi-token steps must "
+                "be prefills into an empty cache of equal-length prompts", "GroupQueryAttention(past/present shared buffer)",
+                lambda debug: (LowerOrtGqaPass(debug=debug, query_seqlens=False, static_total=True),)),
         Dialect("decomposed", "ai.onnx opset 21: ScatterElements cache write, MatMul/Softmax attention",
                 "ScatterElements(axis=2)", lambda debug: (LowerDecomposedPass(debug=debug),)),
     )

@@ -1,6 +1,7 @@
 """`decodekit optimize` as a library function: artifact -> new artifact in another dialect / precision.
 
-    front:  fold constants -> shape inference -> fuse std ops back -> dead code -> precision
+    front:  fold constants -> shape inference -> fuse std ops back -> dead code -> precision -> fuse sibling
+            projections (q/k/v, gate/up: one MatMul + Split; ``fuse_projections=False`` keeps them apart)
     dialect lowering (graphs/dialects.py)
     back:   fold constants -> CSE -> dead code -> shape inference -> contract check (I/O, ir_version 10)
 
@@ -26,21 +27,26 @@ from .passes.contract import ContractPass, io_signature
 from .passes.cse import CsePass
 from .passes.dead_code import DeadCodeEliminationPass
 from .passes.fold_constants import FoldConstantsPass
+from .passes.fuse_projections import FuseProjectionsPass
 from .passes.fuse_std import FuseStdPass
 from .passes.precision import PRECISIONS, ConvertPrecisionPass
 from .passes.quantize import QuantizePass, QuantOptions
 from .passes.shape_inference import ShapeInferencePass
+from .passes.weights_nk import WeightsNkPass
 
 Progress = Callable[[str], None]
 
 
 def build_passes(dialect: Dialect, dtype: str | None, signature: tuple[list[str], list[str]],
-                 debug: bool = False, quantize: QuantOptions | None = None) -> list[ReportingPass]:
+                 debug: bool = False, quantize: QuantOptions | None = None,
+                 fuse_projections: bool = True, weights_nk: bool = False) -> list[ReportingPass]:
     # quantize runs after the back end's folding, which would otherwise fold DequantizeLinear(constant) away
     return [
         FoldConstantsPass(debug), ShapeInferencePass(debug), FuseStdPass(debug), DeadCodeEliminationPass(debug),
         ConvertPrecisionPass(dtype, debug, softmax_attr=dialect.name != "std"),
+        *([FuseProjectionsPass(debug)] if fuse_projections else []),
         *dialect.lowering(debug),
+        *([WeightsNkPass(debug)] if weights_nk else []),
         FoldConstantsPass(debug), CsePass(debug), DeadCodeEliminationPass(debug),
         *([QuantizePass(quantize, debug)] if quantize is not None else []),
         ShapeInferencePass(debug),
@@ -49,9 +55,16 @@ def build_passes(dialect: Dialect, dtype: str | None, signature: tuple[list[str]
 
 
 def optimize_model(model: ir.Model, dialect: str, dtype: str | None = None, debug: bool = False,
-                   quantize: QuantOptions | None = None) -> list[PassReport]:
-    """Run the pipeline in place on one rank's model; returns one report per pass."""
-    passes = build_passes(get_dialect(dialect), dtype, io_signature(model), debug, quantize)
+                   quantize: QuantOptions | None = None, fuse_projections: bool = True,
+                   weights_nk: bool = False) -> list[PassReport]:
+    """Run the pipeline in place on one rank's model; returns one report per pass.
+
+    weights_nk: [N, K] weights through com.microsoft FusedMatMul(transB=1) (ONNX Runtime only; see
+    graphs/passes/weights_nk.py), not with ``quantize``."""
+    if weights_nk and quantize is not None:
+        raise ConfigError("weights_nk rewrites the MatMuls quantize would replace; use one or the other")
+    passes = build_passes(get_dialect(dialect), dtype, io_signature(model), debug, quantize, fuse_projections,
+                          weights_nk)
     try:
         ir.passes.Sequential(*passes)(model)
     except Exception as e:  # onnx_ir wraps pass failures; surface a user-facing one as itself
@@ -66,7 +79,8 @@ def optimize_model(model: ir.Model, dialect: str, dtype: str | None = None, debu
 
 def optimize(artifact: str | Path, out: str | Path, dialect: str, dtype: str | None = None, debug: bool = False,
              force: bool = False, progress: Progress = lambda msg: None,
-             quantize: QuantOptions | None = None) -> tuple[Manifest, dict[str, Any]]:
+             quantize: QuantOptions | None = None, fuse_projections: bool = True,
+             weights_nk: bool = False) -> tuple[Manifest, dict[str, Any]]:
     """Write a new artifact at OUT in `dialect` (and `dtype`, weight-only `quantize`d); returns its manifest and
     the per-pass report. The quantization scheme ("int4-b32-sym") is the quantize pass entry's "scheme"."""
     src, out = Path(artifact), Path(out)
@@ -84,7 +98,7 @@ def optimize(artifact: str | Path, out: str | Path, dialect: str, dtype: str | N
         for entry in manifest.ranks:
             progress(f"rank {entry.rank + 1}/{manifest.tp}: {manifest.dialect} -> {target.name}")
             model = ir.load(str(src / entry.onnx.file))
-            passes = optimize_model(model, target.name, dtype, debug, quantize)
+            passes = optimize_model(model, target.name, dtype, debug, quantize, fuse_projections, weights_nk)
             ranks.append(_save_rank(model, tmp, entry.rank))
             reports.append({"rank": entry.rank, "passes": [_pass_dict(p, quantize) for p in passes],
                             "ops": dict(op_counts(model))})
@@ -105,7 +119,7 @@ def _pass_dict(p: PassReport, quantize: QuantOptions | None) -> dict[str, Any]:
     return d
 
 
-REWRITING = ("fuse-std", "lower-ort-gqa", "lower-decomposed", "quantize")
+REWRITING = ("fuse-std", "fuse-projections", "weights-nk", "lower-ort-gqa", "lower-decomposed", "quantize")
 
 
 def summary(passes: list[dict[str, Any]]) -> dict[str, dict[str, int]]:

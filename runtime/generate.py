@@ -74,8 +74,8 @@ def check_request(backend: Backend, prompts: Sequence[Sequence[int]], max_new_to
                               f"re-export with --max-batch {len(prompts)} or pass fewer prompts")
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if m.dialect == "ort-gqa-uniform" and len({len(p) for p in prompts}) > 1:
-        raise GenerationError("this ort-gqa-uniform artifact needs prompts of equal length in one batch; "
+    if m.dialect in ("ort-gqa-uniform", "ort-gqa-static") and len({len(p) for p in prompts}) > 1:
+        raise GenerationError(f"this {m.dialect} artifact needs prompts of equal length in one batch; "
                               "re-optimize with --dialect ort-gqa (onnxruntime >= 1.32) or std")
     vocab = m.config.vocab_size
     for b, p in enumerate(prompts):

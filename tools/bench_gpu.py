@@ -4,7 +4,11 @@
         --out results/gpu.json [--plot results/gpu.png]
 
 Per model/dtype/batch: decode ms/token (median of per-step CUDA-event times after warm-up) and tokens/s for
-  ort:DIALECT[:nograph]     decodekit's ONNX Runtime CUDA path (CUDA graph, GPU sampling, in-place cache)
+  ort:DIALECT[:FLAG...]     decodekit's ONNX Runtime CUDA path (CUDA graph, GPU sampling, in-place cache) on the
+                            std export optimized into DIALECT (or the std-nononpad variant); flags: nograph (no
+                            CUDA graph), stdprefill (prefill through the std export), int4 / int8 (weight-only,
+                            block 32, symmetric; the roofline then counts the packed bytes), nofuse (keep q/k/v
+                            and gate/up MatMuls apart), nk ([N, K] weights via FusedMatMul transB=1)
   torch-eager               decodekit's PyTorch reference Decoder, eager
   torch-compile             the same Decoder under torch.compile(mode="reduce-overhead") (gpt-fast style)
   hf-static                 transformers generate() with a static cache
@@ -31,7 +35,7 @@ def log(msg: str) -> None:
     print(f"[bench-gpu {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def export_fp(name: str, dtype: str, max_seq: int, work: Path, dialects: list[str]) -> dict[str, Path]:
+def export_std(name: str, dtype: str, max_seq: int, work: Path) -> Path:
     from ..export.artifact import ExportOptions, export_artifact
 
     std = work / f"{name}-{dtype}-std"
@@ -40,27 +44,48 @@ def export_fp(name: str, dtype: str, max_seq: int, work: Path, dialects: list[st
         export_artifact(f"preset:{name}", std, ExportOptions(dtype=dtype, max_seq=max_seq, max_batch=8,
                                                              logits="last", force=True), progress=log)
         log(f"export {name} {dtype}: {time.perf_counter() - t:.0f} s")
-    out = {"std": std}
-    variants = {"std-nononpad": "std", "gqa-static": "ort-gqa-uniform"}
-    for d in sorted(dialects, key=lambda d: d in variants):
-        if d == "std":
-            continue
-        if d in variants:
-            from .bench_variants import make_variant
+    return std
 
-            if variants[d] in out:
-                out[d] = make_variant(out[variants[d]], work / f"{name}-{dtype}-{d}", d)
-            continue
-        path = work / f"{name}-{dtype}-{d}"
-        try:
-            if not (path / "manifest.json").exists():
-                from ..graphs.pipeline import optimize
 
-                optimize(std, path, dialect=d, force=True)
-            out[d] = path
-        except Exception as e:  # noqa: BLE001 - a dialect that fails to lower is reported, not fatal
-            log(f"optimize {d} failed: {e}")
-    return out
+VARIANTS = {"std-nononpad": "std"}  # measurement-only graph surgery (tools/bench_variants.py) on an optimized dialect
+FLAGS = {"nograph", "stdprefill", "int4", "int8", "nofuse", "nk"}
+
+
+def artifact_for(std: Path, work: Path, dialect: str, flags: set[str]) -> Path:
+    """The artifact an `ort:DIALECT:flags` system runs, optimized from the std export once per work folder."""
+    from ..graphs.passes.quantize import QuantOptions
+    from ..graphs.pipeline import optimize
+
+    quant = next((f for f in flags if f in ("int4", "int8")), None)
+    fuse = "nofuse" not in flags
+    base = VARIANTS.get(dialect, dialect)
+    nk = "nk" in flags
+    tag = f"{base}{'' if fuse else '-nofuse'}{'-nk' if nk else ''}{'-' + quant if quant else ''}"
+    path = work / f"{std.name.removesuffix('-std')}-{tag}"
+    if not (path / "manifest.json").exists():
+        t = time.perf_counter()
+        optimize(std, path, dialect=base, force=True, fuse_projections=fuse, weights_nk=nk,
+                 quantize=QuantOptions(bits=int(quant[3:]), block_size=32) if quant else None)
+        log(f"optimize {path.name}: {time.perf_counter() - t:.0f} s")
+    if dialect in VARIANTS:
+        from .bench_variants import make_variant
+
+        variant = work / f"{path.name}+{dialect}"
+        if not (variant / "manifest.json").exists():
+            make_variant(path, variant, dialect)
+        path = variant
+    return path
+
+
+def step_weight_bytes(config, dtype: str, path: Path) -> int:
+    """Weight bytes read per step by this artifact: the fp figure, with quantized MatMuls at their packed size."""
+    from ..export.manifest import read_manifest
+
+    total = weight_bytes(config, dtype)
+    for p in read_manifest(path, verify=False).passes:
+        if p["name"] == "quantize" and p.get("rank", 0) == 0:
+            total += p["counts"]["bytes_after"] - p["counts"]["bytes_before"]
+    return total
 
 
 def prompts_for(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -85,6 +110,7 @@ def run_ort(path: Path, batch: int, prompts, steps: int, graph: bool, prefill: P
 
 
 PROFILE = False
+GEMV = False
 
 
 def kernel_profile(fn, steps: int) -> dict:
@@ -94,12 +120,15 @@ def kernel_profile(fn, steps: int) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
     totals: dict[str, float] = {}
+    launches = 0
     for e in prof.events():
         if e.device_type.name == "CUDA":
             totals[e.name] = totals.get(e.name, 0.0) + e.device_time / 1e3
+            launches += 1
     total = sum(totals.values()) / steps
-    top = sorted(totals.items(), key=lambda kv: -kv[1])[:8]
-    return {"kernel_ms_per_step": total, "top": [(k[:90], round(v / steps, 4)) for k, v in top]}
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:12]
+    return {"kernel_ms_per_step": total, "kernels_per_step": launches / steps,
+            "top": [(k[:90], round(v / steps, 4)) for k, v in top]}
 
 
 def run_torch(name: str, dtype: str, batch: int, prompts, steps: int, max_seq: int, compiled: bool) -> dict:
@@ -148,10 +177,18 @@ def bench_one(name: str, dtype: str, batches: list[int], systems: list[str], ste
 
     config = preset(name)
     max_seq = prompt_len + steps + 32
-    dialects = sorted({s.split(":")[1] for s in systems if s.startswith("ort:")})
-    if "gqa-static" in dialects:
-        dialects.append("ort-gqa-uniform")
-    paths = export_fp(name, dtype, max_seq, work, dialects)
+    std = export_std(name, dtype, max_seq, work)
+    paths: dict[str, Path | Exception] = {}
+    for system in systems:
+        if system.startswith("ort:"):
+            _, d, *flags = system.split(":")
+            if set(flags) - FLAGS:
+                raise SystemExit(f"unknown flag(s) {sorted(set(flags) - FLAGS)} in {system}; known: {sorted(FLAGS)}")
+            try:
+                paths[system] = artifact_for(std, work, d, set(flags))
+            except Exception as e:  # noqa: BLE001 - a dialect that fails to lower is reported, not fatal
+                paths[system] = e
+                log(f"{system}: {e}")
     rows = []
     for batch in batches:
         prompts = prompts_for(batch, prompt_len, config.vocab_size)
@@ -167,13 +204,17 @@ def bench_one(name: str, dtype: str, batches: list[int], systems: list[str], ste
 
             torch.cuda.empty_cache()
             try:
+                bytes_read = row["weight_bytes"]
                 if system.startswith("ort:"):
-                    _, d, *flags = system.split(":")
-                    graph = "nograph" not in flags
-                    if d not in paths:
-                        raise RuntimeError(f"no {d} artifact")
-                    prefill = paths["std"] if "stdprefill" in flags else None
-                    r = run_ort(paths[d], batch, prompts, steps, graph, prefill)
+                    flags = system.split(":")[2:]
+                    path = paths[system]
+                    if isinstance(path, Exception):
+                        raise path
+                    prefill = std if "stdprefill" in flags else None
+                    r = run_ort(path, batch, prompts, steps, "nograph" not in flags, prefill)
+                    bytes_read = step_weight_bytes(config, dtype, path)
+                    if bytes_read != row["weight_bytes"]:
+                        r["weight_bytes"] = bytes_read
                 elif system in ("torch-eager", "torch-compile"):
                     r = run_torch(name, dtype, batch, prompts, steps, max_seq, system == "torch-compile")
                 elif system == "hf-static":
@@ -181,7 +222,7 @@ def bench_one(name: str, dtype: str, batches: list[int], systems: list[str], ste
                 else:
                     raise ValueError(f"unknown system {system}")
                 r["tokens_per_s"] = batch * 1e3 / r["ms"]
-                r["roofline_fraction"] = floor_ms / r["ms"]
+                r["roofline_fraction"] = (bytes_read + row["kv_bytes_mid"]) / bw * 1e3 / r["ms"]
                 row["systems"][system] = r
                 log(f"  {r['ms']:.3f} ms/step  {r['roofline_fraction'] * 100:.1f}% of roofline")
             except Exception as e:  # noqa: BLE001
@@ -195,8 +236,13 @@ def bench_one(name: str, dtype: str, batches: list[int], systems: list[str], ste
                 r["greedy64_identical_to_torch"] = all(same)
                 r["first_divergence"] = min((next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
                                              for a, b in zip(r["tokens"], ref)), default=None)
+        if GEMV:
+            from .bench_gemv import gemm_ceiling
+
+            row["gemm_ceiling"] = gemm_ceiling(config, dtype, batch)
+            log("  GEMM ceiling (ms/step): " + ", ".join(f"{k} {v['ms']:.3f}" for k, v in row["gemm_ceiling"].items()))
         try:
-            row["prefill_logits_vs_torch"] = prefill_logits_error(name, dtype, paths["std"], prompts, max_seq)
+            row["prefill_logits_vs_torch"] = prefill_logits_error(name, dtype, std, prompts, max_seq)
         except Exception as e:  # noqa: BLE001
             row["prefill_logits_vs_torch"] = {"error": str(e)}
         for r in row["systems"].values():
@@ -231,16 +277,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default="llama-3.2-1b")
     ap.add_argument("--dtypes", default="fp16")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--systems", default="ort:std,ort:ort-gqa-uniform,torch-eager,torch-compile,hf-static")
+    ap.add_argument("--systems", default="ort:ort-gqa-static,ort:std-nononpad,torch-eager,torch-compile,hf-static")
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--work", default="/tmp/decodekit-bench")
     ap.add_argument("--out", default="results/gpu.json")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--profile", action="store_true", help="CUDA kernel time per step of the ORT systems")
+    ap.add_argument("--gemm-ceiling", action="store_true",
+                    help="also time the step's linear layers alone in cuBLAS (tools/bench_gemv.py)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="run nothing: concatenate the rows of earlier result files (one device, e.g. runs split to "
+                         "fit a time limit) into --out, and --plot them")
     a = ap.parse_args(argv)
-    global PROFILE
-    PROFILE = a.profile
+    if a.merge:
+        docs = [json.loads(Path(f).read_text()) for f in a.merge]
+        if len({d["device"] for d in docs}) != 1:
+            raise SystemExit(f"refusing to merge results of different devices: {sorted({d['device'] for d in docs})}")
+        merged = {"device": docs[0]["device"], "copy_bw_Bps": [d["copy_bw_Bps"] for d in docs],
+                  "rows": [r for d in docs for r in d["rows"]]}
+        Path(a.out).write_text(json.dumps(merged, indent=1))
+        if a.plot:
+            plot(merged["rows"], Path(a.plot))
+        print_rows(merged["rows"])
+        return
+    global PROFILE, GEMV
+    PROFILE, GEMV = a.profile, a.gemm_ceiling
     import torch
 
     work = Path(a.work)
@@ -257,18 +319,26 @@ def main(argv: list[str] | None = None) -> None:
                                                "rows": rows}, indent=1))
     if a.plot:
         plot(rows, Path(a.plot))
-    print(f"{'model':14} {'dt':5} {'b':>2} {'system':16} {'ms/step':>8} {'tok/s':>8} {'roof%':>6} greedy64")
+    print_rows(rows)
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"{'model':14} {'dt':5} {'b':>2} {'system':28} {'ms/step':>8} {'tok/s':>8} {'roof%':>6} greedy64")
     for r in rows:
         for s, v in r["systems"].items():
             if "ms" in v:
-                print(f"{r['model']:14} {r['dtype']:5} {r['batch']:>2} {s:16} {v['ms']:8.3f} {v['tokens_per_s']:8.0f} "
+                print(f"{r['model']:14} {r['dtype']:5} {r['batch']:>2} {s:28} {v['ms']:8.3f} {v['tokens_per_s']:8.0f} "
                       f"{v['roofline_fraction'] * 100:6.1f} {v.get('greedy64_identical_to_torch', '')}")
             else:
-                print(f"{r['model']:14} {r['dtype']:5} {r['batch']:>2} {s:16} {v.get('error', '')[:80]}")
+                print(f"{r['model']:14} {r['dtype']:5} {r['batch']:>2} {s:28} {v.get('error', '')[:80]}")
         print(f"   roofline {r['roofline_ms']:.3f} ms; prefill logits vs torch: {r.get('prefill_logits_vs_torch')}")
+        for k, v in r.get("gemm_ceiling", {}).items():
+            print(f"   GEMM ceiling {k}: {v['ms']:.3f} ms/step ({v['TBps']:.2f} TB/s)")
         for s, v in r["systems"].items():
             if "kernels" in v:
-                print(f"   {s}: kernels {v['kernels']['kernel_ms_per_step']:.3f} ms/step; top {v['kernels']['top'][:4]}")
+                k = v["kernels"]
+                print(f"   {s}: kernels {k['kernel_ms_per_step']:.3f} ms/step ({k.get('kernels_per_step', 0):.0f} "
+                      f"launches); top {k['top'][:4]}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Graph variants the GPU benchmark compares for CUDA-graph replay on onnxruntime-gpu (measurement harness):
+"""A graph variant the GPU benchmark compares for CUDA-graph replay on onnxruntime-gpu (measurement harness):
 
     std-nononpad   std without Attention's nonpad_kv_seqlen input (the boolean mask alone bounds the keys), so the
                    CUDA kernel reads no lengths on the host and a captured graph stays valid as lengths grow
-    gqa-static     ort-gqa-uniform with GroupQueryAttention's total_sequence_length a constant max_seq: no
-                   device->host copy of a length, the form onnxruntime's CUDA graph capture accepts
+
+(The GroupQueryAttention form for CUDA graphs is a real dialect: ort-gqa-static, graphs/dialects.py.)
 """
 
 from __future__ import annotations
@@ -41,11 +41,6 @@ def make_variant(src: Path, dst: Path, kind: str) -> Path:
         for n in m.graph.node:
             if n.op_type == "Attention" and len(n.input) > 6:
                 del n.input[6:]
-    elif kind == "gqa-static":
-        m.graph.initializer.append(onnx.helper.make_tensor("total_static", onnx.TensorProto.INT32, [], [man.max_seq]))
-        for n in m.graph.node:
-            if n.op_type == "GroupQueryAttention":
-                n.input[6] = "total_static"
     else:
         raise ValueError(kind)
     onnx.save(prune(m), str(dst / "rank0.onnx"))

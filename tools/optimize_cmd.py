@@ -10,7 +10,7 @@ import click
 @click.command("optimize")
 @click.argument("artifact", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="new artifact folder to write")
-@click.option("--dialect", required=True, help="target dialect: std, ort-gqa, ort-gqa-uniform (onnxruntime < 1.32) or decomposed")
+@click.option("--dialect", required=True, help="target dialect: std, ort-gqa, ort-gqa-uniform or ort-gqa-static (onnxruntime < 1.32; -static for CUDA graphs) or decomposed")
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]),
               help="convert weights, activations, KV cache and logits (default: keep the artifact's)")
 @click.option("--quantize", "quant", default=None, type=click.Choice(["int4", "int8"]),
@@ -23,12 +23,14 @@ import click
               help="ort: com.microsoft MatMulNBits (ONNX Runtime); qdq: blocked DequantizeLinear -> MatMul (TensorRT)")
 @click.option("--accuracy-level", default=None, type=click.IntRange(0, 4),
               help="MatMulNBits accuracy_level (4 = int8 activations in ORT's CPU kernel; default: the kernel's)")
+@click.option("--fuse-projections/--no-fuse-projections", default=True, show_default=True,
+              help="one MatMul (+ Split) per group of sibling projections (q/k/v, gate/up) reading one activation")
 @click.option("--debug", is_flag=True, help="also report why each rewrite rule did not match where it came closest")
 @click.option("--force", is_flag=True, help="replace a non-empty OUT")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON document")
 def command(artifact: str, out: str, dialect: str, dtype: str | None, quant: str | None, block_size: str,
-            symmetric: bool, quantize_lm_head: bool, quant_format: str, accuracy_level: int | None, debug: bool,
-            force: bool, as_json: bool) -> None:
+            symmetric: bool, quantize_lm_head: bool, quant_format: str, accuracy_level: int | None,
+            fuse_projections: bool, debug: bool, force: bool, as_json: bool) -> None:
     """Fold, fuse and lower ARTIFACT's graphs into DIALECT (and DTYPE), writing a new artifact at OUT."""
     from ..graphs.passes.quantize import QuantOptions
     from ..graphs.pipeline import optimize
@@ -36,7 +38,8 @@ def command(artifact: str, out: str, dialect: str, dtype: str | None, quant: str
     quantize = None if quant is None else QuantOptions(int(quant[3:]), int(block_size), symmetric, quantize_lm_head,
                                                        quant_format, accuracy_level)
     _, report = optimize(artifact, out, dialect, dtype, debug=debug, force=force,
-                         progress=lambda m: click.echo(f"[optimize] {m}", err=True), quantize=quantize)
+                         progress=lambda m: click.echo(f"[optimize] {m}", err=True), quantize=quantize,
+                         fuse_projections=fuse_projections)
     if as_json:
         click.echo(json.dumps(report))
         return

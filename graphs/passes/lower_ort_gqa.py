@@ -26,6 +26,9 @@ What ort-gqa supports (checked on onnxruntime 1.32 CPU against the std graph, fp
 - head_dim must be a multiple of 16 (ORT CPU rejects other sizes at run time); the lowering refuses it.
 - Output rows of padding positions (s >= nonpad[b] - write[b]) are unspecified (std gives finite values);
   compare or sample valid rows only.
+- ``static_total=True`` (dialect ort-gqa-static, implies no query_seqlens) computes total_sequence_length from
+  shapes alone (max_seq when S == 1, else S): the form onnxruntime-gpu captures in a CUDA graph. Steps with
+  S > 1 must then be prefills into an empty cache (write_indices 0) of equal-length prompts.
 - ``fuse_rotary=False`` keeps the rotation out of GQA: com.microsoft RotaryEmbedding on the 3-D q/k with the
   contract's position_ids, then GQA with do_rotary=0.
 """
@@ -45,12 +48,13 @@ CONTRIB = "com.microsoft"
 class LowerOrtGqaPass(ReportingPass):
     name = "lower-ort-gqa"
 
-    def __init__(self, fuse_rotary: bool = True, debug: bool = False, query_seqlens: bool = True) -> None:
+    def __init__(self, fuse_rotary: bool = True, debug: bool = False, query_seqlens: bool = True,
+                 static_total: bool = False) -> None:
         super().__init__(debug)
-        self.fuse_rotary, self.query_seqlens = fuse_rotary, query_seqlens
+        self.fuse_rotary, self.query_seqlens, self.static_total = fuse_rotary, query_seqlens, static_total
 
     def _rules(self):
-        return [*gqa.rules(self.fuse_rotary, self.query_seqlens), *skip_norm.rules()]
+        return [*gqa.rules(self.fuse_rotary, self.query_seqlens, self.static_total), *skip_norm.rules()]
 
     def requires(self, model: ir.Model) -> None:
         if model.opset_imports.get("", 0) < 24:

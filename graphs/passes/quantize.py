@@ -12,8 +12,8 @@ MatMul is replaced by, per ``QuantOptions.format``:
           refuses negative ones. TensorRT-RTX 1.7 imports only the symmetric (signed int4/int8, no zero point)
           form, and needs K to be a multiple of the block size.
 
-Embeddings (Gather), norms and every non-MatMul weight keep their precision; the LM head (the MatMul producing
-the vocabulary dimension) is kept unless ``lm_head=True``. The pipeline runs this pass after the back end's
+Embeddings (Gather), norms and every non-MatMul weight keep their precision; the LM head (the MatMul feeding the
+"logits" output through data-movement ops; by its vocabulary width when there is no such path) is kept unless ``lm_head=True``. The pipeline runs this pass after the back end's
 constant folding, so the DequantizeLinear of the qdq form is not folded back into a float weight.
 
 Report counts: {"MatMulNBits" or "DequantizeLinear": n, "skipped_lm_head": 0|1, "skipped_shape": n,
@@ -61,6 +61,22 @@ class QuantOptions:
         return s + ("-lmhead" if self.lm_head else "") + ("-qdq" if self.format == "qdq" else "")
 
 
+_PASS_THROUGH = {"Reshape", "Slice", "Gather", "Squeeze", "Unsqueeze", "Cast", "Identity", "Transpose", "Flatten"}
+
+
+def _lm_head(graph: ir.Graph) -> ir.Node | None:
+    """The MatMul whose output reaches the "logits" output through data-movement ops only (last-row Slice, ...)."""
+    value = next((v for v in graph.outputs if v.name == "logits"), None)
+    while value is not None:
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "MatMul":
+            return node
+        value = node.inputs[0] if node.op_type in _PASS_THROUGH else None
+    return None
+
+
 def _vocab(graph: ir.Graph) -> int | None:
     for v in graph.outputs:
         if v.name == "logits" and v.shape is not None and isinstance(v.shape[-1], int):
@@ -98,7 +114,8 @@ class QuantizePass(ReportingPass):
         op = "MatMulNBits" if o.format == "ort" else "DequantizeLinear"
         counts = {op: 0, "skipped_lm_head": 0, "skipped_shape": 0, "bytes_before": 0, "bytes_after": 0}
         why_not: dict[str, list[str]] = {}
-        vocab = _vocab(graph)
+        head = _lm_head(graph)
+        vocab = _vocab(graph) if head is None else None  # by shape only when the path to logits is not plain
         targets = []
         for node in graph:
             if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
@@ -108,7 +125,7 @@ class QuantizePass(ReportingPass):
                     or len(w.const_value.shape) != 2:
                 continue
             k, n = (int(d) for d in w.const_value.shape)
-            is_head = (vocab is not None and n == vocab) or any(out in graph.outputs for out in node.outputs)
+            is_head = node is head or (vocab is not None and n == vocab) or any(out in graph.outputs for out in node.outputs)
             if is_head and not o.lm_head:
                 counts["skipped_lm_head"] += 1
                 continue

@@ -16,6 +16,9 @@ Replaced by (3-D q/k/v, the past buffers, and per-step scalars computed from the
 
 With ``fuse_rotary=False`` the rotation is a separate com.microsoft RotaryEmbedding on the 3-D q/k (with the
 contract's position_ids) and GQA runs with do_rotary=0.
+
+When q, k and v are the three outputs of one Split of a fused projection (graphs/passes/fuse_projections.py),
+GQA reads the packed [B, S, (H + 2K) * D] tensor as its query and gets no key/value inputs: no Split kernel.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ PERM = [0, 2, 1, 3]
 
 
 class LowerAttentionToGqa(RewriteRuleClassBase):
-    def __init__(self, name: str, fuse_rotary: bool = True, query_seqlens: bool = True) -> None:
+    def __init__(self, name: str, fuse_rotary: bool = True, query_seqlens: bool = True,
+                 static_total: bool = False) -> None:
         super().__init__(name, remove_nodes=False)
         self.fuse_rotary = fuse_rotary
         self.query_seqlens = query_seqlens  # False: the 16-input form of onnxruntime < 1.32 (uniform batches)
+        self.static_total = static_total  # total_sequence_length from shapes only (see _static_total)
 
     def pattern(self, op, q_bshd, k_bshd, v_bshd, cos, sin, pos, past_k, past_v, write, mask, nonpad, out_shape):
         q = op.RotaryEmbedding(op.Transpose(q_bshd, perm=PERM), cos, sin, pos, _outputs=["q_rot"])
@@ -74,9 +79,13 @@ class LowerAttentionToGqa(RewriteRuleClassBase):
     def rewrite(self, op, q_bshd, k_bshd, v_bshd, cos, sin, pos, past_k, past_v, write, nonpad, attn, **_):
         H, K, D = static(q_bshd, 2), static(past_k, 1), static(q_bshd, 3)
         q3, k3, v3 = (_flatten_heads(op, t) for t in (q_bshd, k_bshd, v_bshd))
+        packed = _packed_qkv(q3, k3, v3) if self.fuse_rotary else None
         seq_1 = op.Shape(pos, start=1, end=2)  # S, from an input every layer shares (CSE merges these)
         seqlens_k = op.Cast(op.Sub(nonpad, ints(op, [1])), to=INT32)
-        total = op.Cast(op.ReduceMax(op.Concat(nonpad, seq_1, axis=0), keepdims=0), to=INT32)
+        if self.static_total:
+            total = _static_total(op, seq_1, static(past_k, 2))
+        else:
+            total = op.Cast(op.ReduceMax(op.Concat(nonpad, seq_1, axis=0), keepdims=0), to=INT32)
         query_lens = op.Cast(op.Min(op.Sub(nonpad, write), seq_1), to=INT32)
         if self.fuse_rotary:
             caches, rotary = (cos, sin), {"do_rotary": 1, "rotary_interleaved": 0}
@@ -84,8 +93,9 @@ class LowerAttentionToGqa(RewriteRuleClassBase):
             q3, k3 = (op.RotaryEmbedding(t, pos, cos, sin, interleaved=0, _domain=MS) for t in (q3, k3))
             caches, rotary = (None, None), {"do_rotary": 0}
         scale = float(attr(attn.producer(), "scale", 1.0 / math.sqrt(D)))
+        qkv = (packed, None, None) if packed is not None else (q3, k3, v3)
         out, present_k, present_v = op.GroupQueryAttention(
-            q3, k3, v3, past_k, past_v, seqlens_k, total, *caches, *([None] * 7 + [query_lens] if self.query_seqlens else []),
+            *qkv, past_k, past_v, seqlens_k, total, *caches, *([None] * 7 + [query_lens] if self.query_seqlens else []),
             num_heads=H, kv_num_heads=K, scale=scale, **rotary, _domain=MS, _outputs=3)
         return out, present_k, present_v
 
@@ -98,6 +108,29 @@ def _flatten_heads(op, x_BSHD: ir.Value) -> ir.Value:
         if dims(flat) is not None and len(dims(flat)) == 3 and static(flat, 2) == heads * head_dim:
             return flat
     return op.Reshape(x_BSHD, ints(op, [0, 0, -1]))
+
+
+def _static_total(op, seq_1: ir.Value, max_seq: int) -> ir.Value:
+    """total_sequence_length = max_seq for one-token steps, S for longer ones, computed from shapes alone.
+
+    Shapes live on the host, so onnxruntime's CUDA EP needs no device->host copy of a length and a captured
+    decode step stays valid as the cache grows (GQA bounds each row by seqlens_k). With S > 1 GQA then sees
+    total == S, its "first prompt" case: a prefill into an empty cache (write_indices 0), any batch size.
+    """
+    one = ints(op, [1])
+    return op.Cast(op.ReduceMax(op.Where(op.Equal(seq_1, one), ints(op, [max_seq]), seq_1), keepdims=0), to=INT32)
+
+
+def _packed_qkv(q3: ir.Value, k3: ir.Value, v3: ir.Value) -> ir.Value | None:
+    """The fused [B, S, (H+2K)*D] projection when q/k/v are outputs 0, 1, 2 of one last-axis Split of it."""
+    split = q3.producer()
+    if split is None or split.op_type != "Split" or split.domain not in ("", "ai.onnx") or len(split.outputs) != 3:
+        return None
+    if [q3, k3, v3] != list(split.outputs) or q3.index() != 0:
+        return None
+    packed = split.inputs[0]
+    rank = len(dims(packed) or ())
+    return packed if rank == 3 and attr(split, "axis", 0) in (-1, 2) else None
 
 
 def _check_causal_position_mask(mask: ir.Value, pos: ir.Value, T: int) -> MatchResult:
@@ -114,5 +147,6 @@ def _check_causal_position_mask(mask: ir.Value, pos: ir.Value, T: int) -> MatchR
     return MatchResult()
 
 
-def rules(fuse_rotary: bool = True, query_seqlens: bool = True) -> list[pattern.RewriteRule]:
-    return [LowerAttentionToGqa.rule("GroupQueryAttention", fuse_rotary=fuse_rotary, query_seqlens=query_seqlens)]
+def rules(fuse_rotary: bool = True, query_seqlens: bool = True, static_total: bool = False) -> list[pattern.RewriteRule]:
+    return [LowerAttentionToGqa.rule("GroupQueryAttention", fuse_rotary=fuse_rotary, query_seqlens=query_seqlens,
+                                     static_total=static_total)]

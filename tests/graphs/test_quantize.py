@@ -23,6 +23,7 @@ from decodekit.graphs.passes.quantize import QuantOptions
 from decodekit.graphs.pipeline import optimize
 
 L = 2  # layers of the test checkpoints
+LINEAR = 4  # MatMuls per layer after fuse-projections: q/k/v fused, o, gate/up fused, down
 
 # (bits, symmetric) -> (max top-1 disagreement, max relative logit error). Measured on the random 2-layer llama
 # (29 valid positions; its logits are nearly flat, so near-ties flip easily): int8 sym 1.000 / 0.038,
@@ -146,8 +147,8 @@ def test_ort_quality(bits, symmetric, llama_std, ortkit, fp32_logits, tmp_path):
     counts = next(p for p in manifest.passes if p["name"] == "quantize")
     assert counts["scheme"] == opt.scheme == report["quantization"]
     c = counts["counts"]
-    assert c["MatMulNBits"] == 7 * L and c["skipped_lm_head"] == 1
-    assert report["ranks"][0]["ops"]["com.microsoft::MatMulNBits"] == 7 * L
+    assert c["MatMulNBits"] == LINEAR * L and c["skipped_lm_head"] == 1
+    assert report["ranks"][0]["ops"]["com.microsoft::MatMulNBits"] == LINEAR * L
     assert report["ranks"][0]["ops"]["MatMul"] >= 1  # the LM head (plus attention-free graph: nothing else)
     assert c["bytes_after"] < c["bytes_before"] * (0.2 if bits == 4 else 0.32)
     got = ortkit.OrtLoop(manifest.rank_file(tmp_path / opt.scheme), 3).run(plan)
@@ -192,7 +193,7 @@ def test_lm_head_option(llama_std, tmp_path):
     opt = QuantOptions(8, 32, True, lm_head=True)
     manifest, _ = optimize(llama_std, tmp_path / "q", "std", quantize=opt)
     c = next(p for p in manifest.passes if p["name"] == "quantize")["counts"]
-    assert c["MatMulNBits"] == 7 * L + 1 and c["skipped_lm_head"] == 0
+    assert c["MatMulNBits"] == LINEAR * L + 1 and c["skipped_lm_head"] == 0
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -206,7 +207,7 @@ def test_qdq_builds_with_tensorrt_rtx(bits, tmp_path):
     export_artifact("preset:tiny", src, ExportOptions(max_seq=64, max_batch=2))
     qopt = QuantOptions(bits, 16, True, format="qdq")  # tiny's down_proj has K = 176 = 11 * 16
     manifest, _ = optimize(src, tmp_path / "qdq", "std", dtype="fp16", quantize=qopt)
-    assert next(p for p in manifest.passes if p["name"] == "quantize")["counts"]["DequantizeLinear"] == 7 * L
+    assert next(p for p in manifest.passes if p["name"] == "quantize")["counts"]["DequantizeLinear"] == LINEAR * L
     path = manifest.rank_file(tmp_path / "qdq")
     model = onnx.load(str(path), load_external_data=False)
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
@@ -229,6 +230,6 @@ def test_cli_quantize(llama_std, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["quantization"] == "int4-b32-asym"
-    assert report["counts"]["quantize"]["MatMulNBits"] == 7 * L
+    assert report["counts"]["quantize"]["MatMulNBits"] == LINEAR * L
     q = next(p for p in read_manifest(out).passes if p["name"] == "quantize")
     assert q["scheme"] == "int4-b32-asym" and q["counts"]["skipped_lm_head"] == 1

@@ -34,7 +34,8 @@ def test_optimize_json_report(tiny, tmp_path, capsys):
     code, out, _ = run(["optimize", str(tiny), "-o", str(tmp_path / "gqa"), "--dialect", "ort-gqa", "--json"], capsys)
     assert code == 0
     report = json.loads(out)
-    assert report["counts"] == {"lower-ort-gqa": {"GroupQueryAttention": L, "SkipSimplifiedLayerNormalization": 2 * L}}
+    assert report["counts"] == {"fuse-projections": {"groups": 2 * L, "matmuls": 5 * L},
+                                "lower-ort-gqa": {"GroupQueryAttention": L, "SkipSimplifiedLayerNormalization": 2 * L}}
     assert report["dialect"] == "ort-gqa" and report["ranks"][0]["ops"]["com.microsoft::GroupQueryAttention"] == L
     assert read_manifest(tmp_path / "gqa").dialect == "ort-gqa"
 
