@@ -132,6 +132,8 @@ def _save_rank(model: ir.Model, folder: Path, rank: int) -> RankEntry:
     name = f"rank{rank}.onnx"
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     data = f"{name}.data" if weights > EXTERNAL_DATA_THRESHOLD else None
+    if data is None:  # tensors still backed by the source's .data file (e.g. quantized under the threshold) go inline
+        ir.external_data.load_to_model(model)
     ir.save(model, str(folder / name), external_data=data)
     return RankEntry(rank, file_entry(folder, name), [file_entry(folder, data)] if data else [])
 

@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         if len({d["device"] for d in docs}) != 1:
             raise SystemExit(f"refusing to merge results of different devices: {sorted({d['device'] for d in docs})}")
         merged = {"device": docs[0]["device"], "copy_bw_Bps": [d["copy_bw_Bps"] for d in docs],
-                  "rows": [r for d in docs for r in d["rows"]]}
+                  "rows": merge_rows([r for d in docs for r in d["rows"]])}
         Path(a.out).write_text(json.dumps(merged, indent=1))
         if a.plot:
             plot(merged["rows"], Path(a.plot))
@@ -320,6 +320,24 @@ def main(argv: list[str] | None = None) -> None:
     if a.plot:
         plot(rows, Path(a.plot))
     print_rows(rows)
+
+
+def merge_rows(rows: list[dict]) -> list[dict]:
+    """One row per (model, dtype, batch): systems of later runs join the first row (each system keeps the roofline
+    fraction of its own run); a failed system never replaces a measured one."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["model"], r["dtype"], r["batch"])
+        if key not in out:
+            out[key] = {**r, "systems": dict(r["systems"])}
+            continue
+        row = out[key]
+        for name, v in r["systems"].items():
+            if "ms" in v or "ms" not in row["systems"].get(name, {}):
+                row["systems"][name] = v
+        for k in ("gemm_ceiling", "prefill_logits_vs_torch"):
+            row.setdefault(k, r.get(k))
+    return list(out.values())
 
 
 def print_rows(rows: list[dict]) -> None:
