@@ -2,8 +2,8 @@
 replayed as a CUDA graph, sampling on the GPU.
 
     prefill: one ordinary run (run option gpu_graph_id=-1: not captured), right-padded batch, optionally through a
-             second session of another artifact of the same model (e.g. std when the decode graph is a
-             GroupQueryAttention form that onnxruntime 1.31 cannot prefill with batch > 1)
+             second session of another artifact of the same model (for a decode graph that cannot prefill;
+             ort-gqa-static prefills itself, any batch, as GroupQueryAttention's first-prompt case)
     decode:  ids_B1, pos_B1, write_B, nonpad_B, caches and logits_B1V are torch CUDA tensors at fixed
              addresses bound once; each step = graph replay + sample (torch, on the same stream) + in-place
              increments; the host never waits until it reads the tokens.
