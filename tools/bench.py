@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..export.manifest import read_manifest
-from .benchmarking import cpu_read_bandwidth, kv_bytes, weight_bytes
+from .benchmarking import artifact_weight_bytes, cpu_read_bandwidth, kv_bytes
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def bench_artifact(artifact: str | Path, backend: str = "ort", device: str = "cp
         prefill_ms, steps = _generic(artifact, backend, device, prompts, new_tokens, backend_options or {})
         bw = cpu_read_bandwidth() if device == "cpu" else _gpu_bw()
     decode_ms = statistics.median(steps[warmup:] if len(steps) > warmup + 4 else steps)
-    moved = weight_bytes(c, manifest.dtype) + kv_bytes(c, manifest.dtype, batch, prompt_len + new_tokens // 2)
+    moved = artifact_weight_bytes(manifest) + kv_bytes(c, manifest.dtype, batch, prompt_len + new_tokens // 2)
     return BenchResult(backend, device, manifest.dtype, batch, prompt_len, new_tokens, prefill_ms,
                        batch * prompt_len / prefill_ms * 1e3, decode_ms, batch / decode_ms * 1e3, bw, moved,
                        moved / bw / (decode_ms / 1e3))

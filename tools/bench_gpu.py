@@ -28,7 +28,8 @@ import traceback
 from pathlib import Path
 
 from ..export.config import preset
-from .benchmarking import gpu_copy_bandwidth, kv_bytes, weight_bytes
+from ..export.manifest import read_manifest
+from .benchmarking import artifact_weight_bytes, gpu_copy_bandwidth, kv_bytes, weight_bytes
 
 
 def log(msg: str) -> None:
@@ -75,17 +76,6 @@ def artifact_for(std: Path, work: Path, dialect: str, flags: set[str]) -> Path:
             make_variant(path, variant, dialect)
         path = variant
     return path
-
-
-def step_weight_bytes(config, dtype: str, path: Path) -> int:
-    """Weight bytes read per step by this artifact: the fp figure, with quantized MatMuls at their packed size."""
-    from ..export.manifest import read_manifest
-
-    total = weight_bytes(config, dtype)
-    for p in read_manifest(path, verify=False).passes:
-        if p["name"] == "quantize" and p.get("rank", 0) == 0:
-            total += p["counts"]["bytes_after"] - p["counts"]["bytes_before"]
-    return total
 
 
 def prompts_for(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -212,7 +202,7 @@ def bench_one(name: str, dtype: str, batches: list[int], systems: list[str], ste
                         raise path
                     prefill = std if "stdprefill" in flags else None
                     r = run_ort(path, batch, prompts, steps, "nograph" not in flags, prefill)
-                    bytes_read = step_weight_bytes(config, dtype, path)
+                    bytes_read = artifact_weight_bytes(read_manifest(path, verify=False))
                     if bytes_read != row["weight_bytes"]:
                         r["weight_bytes"] = bytes_read
                 elif system in ("torch-eager", "torch-compile"):

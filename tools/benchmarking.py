@@ -36,6 +36,17 @@ def weight_bytes(config: ModelConfig, dtype: str, tp: int = 1) -> int:
     return int(params * DTYPE_BYTES[dtype])
 
 
+def artifact_weight_bytes(manifest) -> int:
+    """Weight bytes one decode step of this artifact reads (all ranks): weight_bytes() of its config and dtype, with
+    the MatMuls a quantize pass replaced counted at their packed size (codes + scales + zero points, per the
+    manifest's pass reports)."""
+    total = weight_bytes(manifest.config, manifest.dtype)
+    for p in manifest.passes:
+        if p["name"] == "quantize":
+            total += p["counts"]["bytes_after"] - p["counts"]["bytes_before"]
+    return total
+
+
 def kv_bytes(config: ModelConfig, dtype: str, batch: int, kv_len: int, tp: int = 1) -> int:
     """Bytes of K and V read per decode step at a valid length kv_len."""
     kv_heads = max(config.num_kv_heads // tp, 1)

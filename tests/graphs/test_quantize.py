@@ -233,3 +233,11 @@ def test_cli_quantize(llama_std, tmp_path):
     assert report["counts"]["quantize"]["MatMulNBits"] == LINEAR * L
     q = next(p for p in read_manifest(out).passes if p["name"] == "quantize")
     assert q["scheme"] == "int4-b32-asym" and q["counts"]["skipped_lm_head"] == 1
+    # benchmarks count the packed bytes of the quantized MatMuls in the roofline (tools/benchmarking.py)
+    from decodekit.tools.benchmarking import artifact_weight_bytes, weight_bytes
+
+    m, fp = read_manifest(out), read_manifest(llama_std)
+    assert artifact_weight_bytes(fp) == weight_bytes(fp.config, fp.dtype)
+    c = q["counts"]
+    assert artifact_weight_bytes(m) == weight_bytes(m.config, m.dtype) - c["bytes_before"] + c["bytes_after"]
+    assert c["bytes_after"] < c["bytes_before"] / 4  # int4 codes + fp32 scales and zero points per 32
