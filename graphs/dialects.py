@@ -43,7 +43,8 @@ DIALECTS: dict[str, Dialect] = {
                 lambda debug: (LowerOrtGqaPass(debug=debug, query_seqlens=False),)),
         Dialect("ort-gqa-static", "ort-gqa-uniform with total_sequence_length from shapes alone (max_seq at "
                 "one-token steps): the decode step onnxruntime-gpu captures as a CUDA graph; multi-token steps must "
-                "be prefills into an empty cache of equal-length prompts", "GroupQueryAttention(past/present shared buffer)",
+                "be prefills into an empty cache of equal-length prompts",
+                "GroupQueryAttention(past/present shared buffer)",
                 lambda debug: (LowerOrtGqaPass(debug=debug, query_seqlens=False, static_total=True),)),
         Dialect("decomposed", "ai.onnx opset 21: ScatterElements cache write, MatMul/Softmax attention",
                 "ScatterElements(axis=2)", lambda debug: (LowerDecomposedPass(debug=debug),)),

@@ -1,4 +1,5 @@
-"""decodekit optimize ARTIFACT -o OUT --dialect std|ort-gqa|ort-gqa-uniform|ort-gqa-static|decomposed [--dtype fp16|bf16] [--quantize int4|int8 ...]."""
+"""decodekit optimize ARTIFACT -o OUT --dialect std|ort-gqa|ort-gqa-uniform|ort-gqa-static|decomposed
+[--dtype fp16|bf16] [--quantize int4|int8 ...]."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ MatMul is replaced by, per ``QuantOptions.format``:
           form, and needs K to be a multiple of the block size.
 
 Embeddings (Gather), norms and every non-MatMul weight keep their precision; the LM head (the MatMul feeding the
-"logits" output through data-movement ops; by its vocabulary width when there is no such path) is kept unless ``lm_head=True``. The pipeline runs this pass after the back end's
+"logits" output through data-movement ops; by its vocabulary width when there is no such path) is kept
+unless ``lm_head=True``. The pipeline runs this pass after the back end's
 constant folding, so the DequantizeLinear of the qdq form is not folded back into a float weight.
 
 Report counts: {"MatMulNBits" or "DequantizeLinear": n, "skipped_lm_head": 0|1, "skipped_shape": n,
@@ -125,7 +126,8 @@ class QuantizePass(ReportingPass):
                     or len(w.const_value.shape) != 2:
                 continue
             k, n = (int(d) for d in w.const_value.shape)
-            is_head = node is head or (vocab is not None and n == vocab) or any(out in graph.outputs for out in node.outputs)
+            is_head = node is head or (vocab is not None and n == vocab) \
+                or any(out in graph.outputs for out in node.outputs)
             if is_head and not o.lm_head:
                 counts["skipped_lm_head"] += 1
                 continue

@@ -147,6 +147,7 @@ def _check_causal_position_mask(mask: ir.Value, pos: ir.Value, T: int) -> MatchR
     return MatchResult()
 
 
-def rules(fuse_rotary: bool = True, query_seqlens: bool = True, static_total: bool = False) -> list[pattern.RewriteRule]:
+def rules(fuse_rotary: bool = True, query_seqlens: bool = True,
+          static_total: bool = False) -> list[pattern.RewriteRule]:
     return [LowerAttentionToGqa.rule("GroupQueryAttention", fuse_rotary=fuse_rotary, query_seqlens=query_seqlens,
                                      static_total=static_total)]
