@@ -88,8 +88,8 @@ def _fuse(graph: ir.Graph, group: list[ir.Node], graph_outputs: set[int]) -> boo
     sizes = [w.const_value.shape[1] for w in weights]
     biases = [_bias(n, graph_outputs) for n in group]
     with_bias = all(b is not None for b in biases)
-    names = [w.name or "w" for w in weights]
-    fused_w = _initializer(graph, f"{names[0]}.fused{len(group)}", _concat(weights, 1), weights[0].dtype)
+    fused_w = _initializer(graph, f"{weights[0].name or 'weight'}.fused{len(group)}", _concat(weights, 1),
+                           weights[0].dtype)
     olds = [b[0].outputs[0] for b in biases] if with_bias else [n.outputs[0] for n in group]
 
     matmul = ir.node("MatMul", [x, fused_w], name=f"{group[0].name}.fused")
