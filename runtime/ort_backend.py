@@ -7,6 +7,12 @@ are preallocated once too, so a decode step allocates nothing; prefill binds fre
 
 On CUDA, logits come back as a torch.Tensor on the device (torch-owned buffer bound by pointer); on the CPU
 as an np.ndarray. The decode logits buffer is reused: its contents are valid until the next step.
+
+CUDA decode steps: the four [B] step inputs live in one torch buffer [4, B] on the device, filled by one
+non-blocking copy from pinned host memory on PyTorch's current stream, which ONNX Runtime is given as its
+compute stream. Where the dialect keeps every decode shape fixed and reads no length on the host
+(``GRAPH_SAFE_DIALECTS``), the decode step is captured as a CUDA graph, one per allocated state (run option
+gpu_graph_id), and replayed; prefill runs uncaptured (gpu_graph_id -1).
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from ..export.names import STEP_INPUTS, past_names, present_names  # noqa: F401 
 ONNX_TYPES = {"fp32": 1, "fp16": 10, "bf16": 16}  # TensorProto element types of the cache / logits
 NUMPY_TYPES = {"fp32": np.float32, "fp16": np.float16}
 OPT_LEVELS = ("disable", "basic", "extended", "all")
+# Dialects whose decode step reads no length on the host and has fixed shapes: a captured CUDA graph stays valid
+# as the sequences grow (std's Attention and ort-gqa's GroupQueryAttention read lengths on the host each step).
+GRAPH_SAFE_DIALECTS = ("ort-gqa-static", "std+std-nononpad")
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,8 @@ class OrtOptions:
     # False = that strict mode: use it to prove a graph runs on the GPU only.
     allow_cpu_fallback: bool = True
     tf32: bool = False  # CUDA: TF32 matmuls; off keeps fp32 artifacts at fp32 accuracy (5e-4 -> 3e-7 rel. error)
+    # CUDA: capture the decode step as a CUDA graph. None = where the dialect allows it (GRAPH_SAFE_DIALECTS).
+    cuda_graph: bool | None = None
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -46,6 +57,8 @@ class OrtOptions:
         if self.graph_optimization_level not in OPT_LEVELS:
             raise BackendError(f"graph_optimization_level must be one of {', '.join(OPT_LEVELS)}, "
                                f"got {self.graph_optimization_level!r}")
+        if self.cuda_graph and self.device != "cuda":
+            raise BackendError("cuda_graph applies to device cuda only")
         if self.intra_op_threads < 0:
             raise BackendError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
 
@@ -62,6 +75,9 @@ class OrtHandles:
     decode_logits_value: Any = None  # CPU: the bound OrtValue itself
     bound: str = ""  # "decode" when the decode buffers are the bound step inputs
     keep: list[Any] = field(default_factory=list)  # prefill buffers the binding points at, kept alive
+    decode_device: Any = None  # CUDA: torch int64 [4, B] on the device the decode inputs are bound to ...
+    decode_pinned: Any = None  # ... and its pinned host staging copy
+    run_options: Any = None  # CUDA graph: RunOptions naming this state's graph
 
 
 @register("ort")
@@ -79,8 +95,37 @@ class OrtBackend(Backend):
         self.num_layers = m.config.num_layers
         self.kv_shape = (int(m.kv_layout["kv_heads_local"]), m.max_seq, int(m.kv_layout["head_dim"]))
         self.vocab = m.config.vocab_size
-        self.session = create_session(m.rank_file(self.artifact, rank), self.options)
+        self.cuda_graph = self._wants_cuda_graph()
+        self._graphs = 0
+        self.session = create_session(m.rank_file(self.artifact, rank), self.options, cuda=self._cuda_setup())
         self._check_io()
+
+    def _wants_cuda_graph(self) -> bool:
+        safe = self.manifest.dialect in GRAPH_SAFE_DIALECTS
+        if self.options.device != "cuda" or self.options.cuda_graph is False:
+            return False
+        if self.options.cuda_graph and not safe:
+            raise BackendError(f"{self.artifact}: the {self.manifest.dialect} dialect reads lengths on the host "
+                               f"every decode step, so a captured CUDA graph would replay stale lengths; "
+                               f"re-optimize with --dialect ort-gqa-static or run without cuda_graph")
+        return safe
+
+    def _cuda_setup(self) -> dict[str, str]:
+        """CUDA provider options: PyTorch's current stream as ORT's compute stream, and CUDA graphs when used."""
+        if self.options.device != "cuda":
+            return {}
+        _require_cuda_ep()
+        try:
+            import torch
+        except ImportError:
+            raise BackendError("the ort backend on cuda needs PyTorch with CUDA for its device buffers; "
+                               "pip install torch") from None
+        if not torch.cuda.is_available():
+            raise BackendError("--device cuda: PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                               "use --device cpu or a CUDA build of torch")
+        self._stream = torch.cuda.current_stream(self.options.device_id)
+        return {"user_compute_stream": str(self._stream.cuda_stream), "has_user_compute_stream": "1",
+                "enable_cuda_graph": "1" if self.cuda_graph else "0"}
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -128,23 +173,37 @@ class OrtBackend(Backend):
         for past, present, value in zip(past_names(self.num_layers), present_names(self.num_layers), caches):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-        inputs, host = self._decode_inputs(batch)
-        return StepState(batch, self.max_seq, OrtHandles(binding, caches, inputs, host, logits, logits_value))
+        if self.options.device == "cpu":
+            inputs, host = self._decode_inputs(batch)
+            return StepState(batch, self.max_seq, OrtHandles(binding, caches, inputs, host, logits, logits_value))
+        h = OrtHandles(binding, caches, {}, {}, logits, logits_value)
+        self._cuda_decode_inputs(h, batch)
+        return StepState(batch, self.max_seq, h)
 
     def _decode_inputs(self, batch: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """CPU: an OrtValue per step input sharing the memory of a numpy array the step writes into."""
         import onnxruntime as ort
 
-        shapes = {"input_ids": (batch, 1), "position_ids": (batch, 1), "write_indices": (batch,),
-                  "nonpad_kv_seqlen": (batch,)}
         values, host = {}, {}
-        for name, shape in shapes.items():
-            if self.options.device == "cpu":
-                host[name] = np.zeros(shape, dtype=np.int64)
-                values[name] = ort.OrtValue.ortvalue_from_numpy(host[name])  # shares the array's memory
-            else:
-                host[name] = np.zeros(shape, dtype=np.int64)
-                values[name] = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.int64, *self._dev)
+        for name, shape in _decode_shapes(batch).items():
+            host[name] = np.zeros(shape, dtype=np.int64)
+            values[name] = ort.OrtValue.ortvalue_from_numpy(host[name])  # shares the array's memory
         return values, host
+
+    def _cuda_decode_inputs(self, h: OrtHandles, batch: int) -> None:
+        """CUDA: the step inputs are rows of one [4, B] device buffer, staged through pinned host memory."""
+        import onnxruntime as ort
+        import torch
+
+        h.decode_device = torch.zeros(4, batch, dtype=torch.int64, device=f"cuda:{self.options.device_id}")
+        h.decode_pinned = torch.zeros(4, batch, dtype=torch.int64, pin_memory=True)
+        for row, (name, shape) in enumerate(_decode_shapes(batch).items()):
+            h.decode_host[name] = h.decode_pinned[row].numpy().reshape(shape)  # views of the pinned rows
+            h.decode_inputs[name] = h.decode_device[row]
+        if self.cuda_graph:
+            self._graphs += 1  # a graph per state: it replays this state's buffer addresses
+            h.run_options = ort.RunOptions()
+            h.run_options.add_run_config_entry("gpu_graph_id", str(self._graphs))
 
     def _decode_logits(self, batch: int) -> tuple[Any, Any]:
         shape = (batch, 1, self.vocab)
@@ -174,19 +233,38 @@ class OrtBackend(Backend):
             raise BackendError(f"step got batch {B} but the state was allocated for batch {state.batch}")
         if S == 1:
             logits = self._bind_decode(h, arrays)
+            run = h.run_options
         else:
             logits = self._bind_prefill(h, arrays, B, S)
-        self.session.run_with_iobinding(h.binding)
+            run = self._uncaptured() if self.cuda_graph else None
+        if self.options.device == "cuda":
+            # torch's copies (and the caller's sampling) are done before ORT reads; ORT syncs the stream at its end
+            self._stream.synchronize()
+        self.session.run_with_iobinding(h.binding, run)
         return logits
+
+    def _uncaptured(self) -> Any:
+        import onnxruntime as ort
+
+        run = ort.RunOptions()
+        run.add_run_config_entry("gpu_graph_id", "-1")
+        return run
 
     def _bind_decode(self, h: OrtHandles, arrays: dict[str, np.ndarray]) -> Any:
         for name, a in arrays.items():
             np.copyto(h.decode_host[name], a.reshape(h.decode_host[name].shape), casting="same_kind")
-            if self.options.device != "cpu":
-                h.decode_inputs[name].update_inplace(h.decode_host[name])
+        if h.decode_device is not None:
+            import torch
+
+            with torch.cuda.stream(self._stream):
+                h.decode_device.copy_(h.decode_pinned, non_blocking=True)
         if h.bound != "decode":
             for name, value in h.decode_inputs.items():
-                h.binding.bind_ortvalue_input(name, value)
+                if h.decode_device is None:
+                    h.binding.bind_ortvalue_input(name, value)
+                else:
+                    h.binding.bind_input(name, "cuda", self.options.device_id, 7,  # TensorProto INT64
+                                         list(h.decode_host[name].shape), value.data_ptr())
             self._rebind_decode_logits(h)
             h.bound = "decode"
         return h.decode_logits
@@ -233,10 +311,27 @@ class OrtBackend(Backend):
         self.session = None
 
 
+def _require_cuda_ep() -> None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendError("onnxruntime is not installed; pip install onnxruntime-gpu") from None
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendError(f"onnxruntime {ort.__version__} has no CUDA execution provider "
+                           f"(available: {', '.join(ort.get_available_providers())}); "
+                           f"install onnxruntime-gpu (pip install onnxruntime-gpu) or use --device cpu")
+
+
+def _decode_shapes(batch: int) -> dict[str, tuple[int, ...]]:
+    return {"input_ids": (batch, 1), "position_ids": (batch, 1), "write_indices": (batch,),
+            "nonpad_kv_seqlen": (batch,)}
+
+
 def create_session(model: Path | bytes, options: OrtOptions, config: dict[str, str] | None = None,
-                   what: str | None = None) -> Any:
+                   what: str | None = None, cuda: dict[str, str] | None = None) -> Any:
     """An InferenceSession for `model` (a path, or serialized bytes) with `options`; extra session config
-    entries in `config`. Load failures become one-line BackendErrors naming `what` (default: the path)."""
+    entries in `config`; `cuda`: CUDA provider options under options.provider_options. Load failures become
+    one-line BackendErrors naming `what` (default: the path)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -252,14 +347,11 @@ def create_session(model: Path | bytes, options: OrtOptions, config: dict[str, s
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)
     if options.device == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BackendError(f"onnxruntime {ort.__version__} has no CUDA execution provider "
-                               f"(available: {', '.join(ort.get_available_providers())}); "
-                               f"install onnxruntime-gpu (pip install onnxruntime-gpu) or use --device cpu")
+        _require_cuda_ep()
         if not options.allow_cpu_fallback:
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        cuda = {"device_id": str(options.device_id), "use_tf32": "1" if options.tf32 else "0"}
-        providers = [("CUDAExecutionProvider", {**cuda, **{k: str(v) for k, v in options.provider_options.items()}})]
+        base = {"device_id": str(options.device_id), "use_tf32": "1" if options.tf32 else "0", **(cuda or {})}
+        providers = [("CUDAExecutionProvider", {**base, **{k: str(v) for k, v in options.provider_options.items()}})]
     else:
         providers = [("CPUExecutionProvider", dict(options.provider_options))]
     try:

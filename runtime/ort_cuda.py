@@ -47,19 +47,17 @@ class OrtCudaDecoder:
         self.options, self.batch = options, batch
         torch.cuda.set_device(options.device_id)
         self.stream = torch.cuda.current_stream()
-        provider = {"user_compute_stream": str(self.stream.cuda_stream), "has_user_compute_stream": "1",
-                    "enable_cuda_graph": "1" if options.cuda_graph else "0"}
         manifest = read_manifest(artifact)
+        # OrtBackend gives ORT PyTorch's current stream and turns CUDA graphs on (refusing a dialect they break)
         self.backend = OrtBackend(artifact, OrtOptions(device="cuda", device_id=options.device_id,
-                                                       provider_options=provider), manifest=manifest)
+                                                       cuda_graph=options.cuda_graph), manifest=manifest)
         self.prefill_backend = self.backend
         if prefill_artifact is not None:
             pm = read_manifest(prefill_artifact)
             if pm.config != manifest.config or pm.max_seq != manifest.max_seq or pm.dtype != manifest.dtype:
                 raise BackendError(f"{prefill_artifact} is not the same model / max_seq / dtype as {artifact}")
             self.prefill_backend = OrtBackend(prefill_artifact, OrtOptions(device="cuda", device_id=options.device_id,
-                                                                           provider_options={**provider, "enable_cuda_graph": "0"}),
-                                              manifest=pm)
+                                                                           cuda_graph=False), manifest=pm)
         m = manifest
         self.L, self.V, self.max_seq = m.config.num_layers, m.config.vocab_size, m.max_seq
         self.tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[m.dtype]

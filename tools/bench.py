@@ -30,6 +30,9 @@ class BenchResult:
     bandwidth_Bps: float
     bytes_per_step: int
     roofline_fraction: float
+    # ort on cuda: decode_ms_per_token is the device-resident loop (runtime/ort_cuda.py: tokens stay on the GPU);
+    # this is the same artifact through runtime.generate, which reads every token on the host (streaming, stops)
+    generate_ms_per_token: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,19 +46,24 @@ def bench_artifact(artifact: str | Path, backend: str = "ort", device: str = "cp
     c = manifest.config
     rng = np.random.default_rng(seed)
     prompts = rng.integers(3, c.vocab_size, (batch, prompt_len)).tolist()
+    generate_ms = None
     if backend == "ort" and device == "cuda":
         prefill_ms, steps = _ort_cuda(artifact, prompts, new_tokens)
-        from .benchmarking import gpu_copy_bandwidth
-
-        bw = gpu_copy_bandwidth()
+        _, loop_steps = _generic(artifact, backend, device, prompts, new_tokens, backend_options or {})
+        generate_ms = _median_after(loop_steps, warmup)
+        bw = _gpu_bw()
     else:
         prefill_ms, steps = _generic(artifact, backend, device, prompts, new_tokens, backend_options or {})
         bw = cpu_read_bandwidth() if device == "cpu" else _gpu_bw()
-    decode_ms = statistics.median(steps[warmup:] if len(steps) > warmup + 4 else steps)
+    decode_ms = _median_after(steps, warmup)
     moved = artifact_weight_bytes(manifest) + kv_bytes(c, manifest.dtype, batch, prompt_len + new_tokens // 2)
     return BenchResult(backend, device, manifest.dtype, batch, prompt_len, new_tokens, prefill_ms,
                        batch * prompt_len / prefill_ms * 1e3, decode_ms, batch / decode_ms * 1e3, bw, moved,
-                       moved / bw / (decode_ms / 1e3))
+                       moved / bw / (decode_ms / 1e3), generate_ms)
+
+
+def _median_after(steps: list[float], warmup: int) -> float:
+    return statistics.median(steps[warmup:] if len(steps) > warmup + 4 else steps)
 
 
 def _gpu_bw() -> float:

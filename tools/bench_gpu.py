@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -116,9 +117,28 @@ def kernel_profile(fn, steps: int) -> dict:
             totals[e.name] = totals.get(e.name, 0.0) + e.device_time / 1e3
             launches += 1
     total = sum(totals.values()) / steps
+    gemm = sum(v for k, v in totals.items() if GEMM_KERNEL.search(k)) / steps
     top = sorted(totals.items(), key=lambda kv: -kv[1])[:12]
-    return {"kernel_ms_per_step": total, "kernels_per_step": launches / steps,
+    return {"kernel_ms_per_step": total, "kernels_per_step": launches / steps, "gemm_kernel_ms_per_step": gemm,
             "top": [(k[:90], round(v / steps, 4)) for k, v in top]}
+
+
+# the weight-reading kernels: cuBLAS (nvjet / gemm / gemv and its split-K reduction), ORT's MatMulNBits kernels
+GEMM_KERNEL = re.compile(r"nvjet|gemm|gemv|splitKreduce|MatMulFloat\dBits|Dequantize\dBits", re.IGNORECASE)
+
+
+def overhead_budget(ms: float, kernels: dict, weight_bytes: int, kv_bytes: int, bw: float) -> dict:
+    """Where a step's time goes, and the best roofline fraction this execution model allows: the step with its
+    weight-reading kernels at the measured copy bandwidth and everything else (other kernels, launch gaps) as
+    measured. A target fraction f leaves (1/f - 1) x floor for everything that is not reading weights."""
+    floor = (weight_bytes + kv_bytes) / bw * 1e3
+    gemm = kernels["gemm_kernel_ms_per_step"]
+    other = kernels["kernel_ms_per_step"] - gemm
+    gaps = max(ms - kernels["kernel_ms_per_step"], 0.0)
+    return {"floor_ms": floor, "gemm_ms": gemm, "other_kernels_ms": other, "gaps_ms": gaps,
+            "gemm_fraction_of_copy_bw": floor / gemm if gemm else None,
+            "best_fraction_with_gemms_at_copy_bw": floor / (floor + other + gaps),
+            "non_gemm_budget_ms_at_80pct": floor / 0.8 - floor, "non_gemm_budget_ms_at_85pct": floor / 0.85 - floor}
 
 
 def run_torch(name: str, dtype: str, batch: int, prompts, steps: int, max_seq: int, compiled: bool) -> dict:
@@ -211,6 +231,8 @@ def bench_one(name: str, dtype: str, batches: list[int], systems: list[str], ste
                     r = {"ms": hf_static_ms(config, dtype, batch, prompt_len, steps)}
                 else:
                     raise ValueError(f"unknown system {system}")
+                if "kernels" in r:
+                    r["budget"] = overhead_budget(r["ms"], r["kernels"], bytes_read, row["kv_bytes_mid"], bw)
                 r["tokens_per_s"] = batch * 1e3 / r["ms"]
                 r["roofline_fraction"] = (bytes_read + row["kv_bytes_mid"]) / bw * 1e3 / r["ms"]
                 row["systems"][system] = r
@@ -347,6 +369,12 @@ def print_rows(rows: list[dict]) -> None:
                 k = v["kernels"]
                 print(f"   {s}: kernels {k['kernel_ms_per_step']:.3f} ms/step ({k.get('kernels_per_step', 0):.0f} "
                       f"launches); top {k['top'][:4]}")
+            if "budget" in v:
+                b = v["budget"]
+                print(f"   {s}: weight kernels {b['gemm_ms']:.3f} + other kernels {b['other_kernels_ms']:.3f} + gaps "
+                      f"{b['gaps_ms']:.3f} ms; with weight kernels at copy bandwidth: "
+                      f"{b['best_fraction_with_gemms_at_copy_bw'] * 100:.1f}% (80% leaves "
+                      f"{b['non_gemm_budget_ms_at_80pct']:.3f} ms for the rest)")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ def _sampling(**kw):
 @click.argument("artifact")
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["torch", "ort", "tensorrt"]))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--cuda-graph/--no-cuda-graph", default=None,
+              help="ort on cuda: replay the decode step as a CUDA graph (default: where the dialect allows it)")
 @click.option("--prompt", "prompts", multiple=True, help="prompt text (repeat for a batch); needs the artifact's tokenizer")
 @click.option("--ids", "ids", multiple=True, help="prompt token ids, comma-separated (repeat for a batch)")
 @click.option("--max-new-tokens", default=64, show_default=True)
@@ -48,7 +50,7 @@ def _sampling(**kw):
 @click.option("--stop", multiple=True, help="stop string (repeatable), matched as a token sequence")
 @click.option("--json", "as_json", is_flag=True,
               help='print one JSON document {"tokens": [[...]], "text": [...], "finish_reasons": [...]}')
-def command(artifact: str, backend: str, device: str, prompts: tuple[str, ...], ids: tuple[str, ...],
+def command(artifact: str, backend: str, device: str, cuda_graph: bool | None, prompts: tuple[str, ...], ids: tuple[str, ...],
             max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float,
             repetition_penalty: float, presence_penalty: float, frequency_penalty: float, seed: int | None,
             stop: tuple[str, ...], as_json: bool) -> None:
@@ -62,6 +64,10 @@ def command(artifact: str, backend: str, device: str, prompts: tuple[str, ...], 
                          repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                          frequency_penalty=frequency_penalty, seed=seed)
     options = {"device": device} if backend in ("torch", "ort") else {}
+    if cuda_graph is not None:
+        if backend != "ort" or device != "cuda":
+            raise UserError("--cuda-graph / --no-cuda-graph apply to --backend ort --device cuda only")
+        options["cuda_graph"] = cuda_graph
     started = time.perf_counter()
     with open_backend(artifact, backend, **options) as runner:
         has_text = any(f.file == "tokenizer.json" for f in runner.manifest.tokenizer)
