@@ -19,6 +19,7 @@ import numpy as np
 
 from .backend import Backend, StepState
 from .sampler import Sampler, SamplingConfig
+from .sampler_graph import GraphedSampling, capturable
 from .stopping import FinishReason, GenerationError, StopCriteria
 
 __all__ = ["GenerationError", "GenerationResult", "StepEvent", "check_request", "generate", "generate_ids",
@@ -137,12 +138,18 @@ def _loop(backend: Backend, prompts: list[list[int]], sampling: SamplingConfig, 
     write_B = np.empty(B, dtype=np.int64)
     nonpad_B = np.empty(B, dtype=np.int64)
     length_B = lens_B.copy()  # rows of valid cache per sequence
+    graphed = None  # CUDA: the decode steps' sampling, captured once their logits buffer is known
     step = 0
     while True:
-        result = sampler.sample(last_BV)
-        tokens_B, logprobs_B = _host(result.tokens), _host(result.logprobs)
         active_B = ~stops.finished
-        sampler.observe(result.tokens, active_B)
+        if step == 1 and capturable(sampler, last_BV):
+            graphed = GraphedSampling(sampler, last_BV)
+        if graphed is not None and graphed.reads(last_BV):
+            result = graphed(active_B)
+        else:
+            result = sampler.sample(last_BV)
+            sampler.observe(result.tokens, active_B)
+        tokens_B, logprobs_B = _host(result.tokens), _host(result.logprobs)
         stops.update(tokens_B, active_B)
         yield StepEvent(step, tokens_B, logprobs_B, active_B, stops.finished.copy(), tuple(stops.reasons))
         if stops.all_finished:

@@ -5,8 +5,9 @@ replayed as a CUDA graph, sampling on the GPU.
              second session of another artifact of the same model (for a decode graph that cannot prefill;
              ort-gqa-static prefills itself, any batch, as GroupQueryAttention's first-prompt case)
     decode:  ids_B1, pos_B1, write_B, nonpad_B, caches and logits_B1V are torch CUDA tensors at fixed
-             addresses bound once; each step = graph replay + sample (torch, on the same stream) + in-place
-             increments; the host never waits until it reads the tokens.
+             addresses bound once; each step = graph replay + sample (torch, on the same stream; captured as
+             a second graph with cuda_graph: runtime/sampler_graph.py) + in-place increments; the host never
+             waits until it reads the tokens.
 
 ONNX Runtime is given PyTorch's current stream (provider option user_compute_stream) and synchronises it at
 the end of every run; before each run the host waits for torch's sampling and increments (measured on an H100:
@@ -25,6 +26,7 @@ from ..export.manifest import read_manifest
 from .backend import BackendError
 from .ort_backend import ONNX_TYPES, OrtBackend, OrtOptions, past_names, present_names
 from .sampler import Sampler, SamplingConfig
+from .sampler_graph import GraphedSampling, capturable
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class OrtCudaDecoder:
 
         self.run_decode = ort.RunOptions()
         self.run_decode.add_run_config_entry("gpu_graph_id", str(batch))
+        self._graphed: GraphedSampling | None = None  # the sampling step, captured (with cuda_graph)
         self.run_prefill = ort.RunOptions()
         self.run_prefill.add_run_config_entry("gpu_graph_id", "-1")
 
@@ -134,8 +137,14 @@ class OrtCudaDecoder:
             torch.argmax(self.logits[:, 0], dim=-1, keepdim=True, out=self.ids)
             out_tokens.copy_(self.ids[:, 0])
         else:
-            tok = sampler.sample(self.logits[:, 0]).tokens
-            sampler.observe(tok)
+            if self._graphed is None or self._graphed.sampler is not sampler:
+                self._graphed = GraphedSampling(sampler, self.logits[:, 0]) \
+                    if self.options.cuda_graph and capturable(sampler, self.logits[:, 0]) else None
+            if self._graphed is not None:
+                tok = self._graphed().tokens
+            else:
+                tok = sampler.sample(self.logits[:, 0]).tokens
+                sampler.observe(tok)
             self.ids[:, 0] = tok
             out_tokens.copy_(tok)
         self.pos += 1
