@@ -32,6 +32,7 @@ from .passes.fuse_std import FuseStdPass
 from .passes.precision import PRECISIONS, ConvertPrecisionPass
 from .passes.quantize import QuantizePass, QuantOptions
 from .passes.shape_inference import ShapeInferencePass
+from .passes.tied_lm_head import TiedLmHeadPass
 from .passes.weights_nk import WeightsNkPass
 
 Progress = Callable[[str], None]
@@ -39,13 +40,15 @@ Progress = Callable[[str], None]
 
 def build_passes(dialect: Dialect, dtype: str | None, signature: tuple[list[str], list[str]],
                  debug: bool = False, quantize: QuantOptions | None = None,
-                 fuse_projections: bool = True, weights_nk: bool = False) -> list[ReportingPass]:
+                 fuse_projections: bool = True, weights_nk: bool = False,
+                 fuse_min_members: int = 2, tied_lm_head: bool = True) -> list[ReportingPass]:
     # quantize runs after the back end's folding, which would otherwise fold DequantizeLinear(constant) away
     return [
         FoldConstantsPass(debug), ShapeInferencePass(debug), FuseStdPass(debug), DeadCodeEliminationPass(debug),
         ConvertPrecisionPass(dtype, debug, softmax_attr=dialect.name != "std"),
-        *([FuseProjectionsPass(debug)] if fuse_projections else []),
+        *([FuseProjectionsPass(debug, fuse_min_members)] if fuse_projections else []),
         *dialect.lowering(debug),
+        *([TiedLmHeadPass(debug)] if tied_lm_head and dialect.name.startswith("ort-") else []),
         *([WeightsNkPass(debug)] if weights_nk else []),
         FoldConstantsPass(debug), CsePass(debug), DeadCodeEliminationPass(debug),
         *([QuantizePass(quantize, debug)] if quantize is not None else []),
@@ -56,15 +59,16 @@ def build_passes(dialect: Dialect, dtype: str | None, signature: tuple[list[str]
 
 def optimize_model(model: ir.Model, dialect: str, dtype: str | None = None, debug: bool = False,
                    quantize: QuantOptions | None = None, fuse_projections: bool = True,
-                   weights_nk: bool = False) -> list[PassReport]:
+                   weights_nk: bool = False, fuse_min_members: int = 2, tied_lm_head: bool = True) -> list[PassReport]:
     """Run the pipeline in place on one rank's model; returns one report per pass.
 
     weights_nk: [N, K] weights through com.microsoft FusedMatMul(transB=1) (ONNX Runtime only; see
-    graphs/passes/weights_nk.py), not with ``quantize``."""
+    graphs/passes/weights_nk.py), not with ``quantize``. fuse_min_members=3: fuse q/k/v only (not gate/up).
+    tied_lm_head=False: keep MatMul(h, Transpose(E)) for a tied head (graphs/passes/tied_lm_head.py)."""
     if weights_nk and quantize is not None:
         raise ConfigError("weights_nk rewrites the MatMuls quantize would replace; use one or the other")
     passes = build_passes(get_dialect(dialect), dtype, io_signature(model), debug, quantize, fuse_projections,
-                          weights_nk)
+                          weights_nk, fuse_min_members, tied_lm_head)
     try:
         ir.passes.Sequential(*passes)(model)
     except Exception as e:  # onnx_ir wraps pass failures; surface a user-facing one as itself
@@ -80,7 +84,8 @@ def optimize_model(model: ir.Model, dialect: str, dtype: str | None = None, debu
 def optimize(artifact: str | Path, out: str | Path, dialect: str, dtype: str | None = None, debug: bool = False,
              force: bool = False, progress: Progress = lambda msg: None,
              quantize: QuantOptions | None = None, fuse_projections: bool = True,
-             weights_nk: bool = False) -> tuple[Manifest, dict[str, Any]]:
+             weights_nk: bool = False, fuse_min_members: int = 2,
+             tied_lm_head: bool = True) -> tuple[Manifest, dict[str, Any]]:
     """Write a new artifact at OUT in `dialect` (and `dtype`, weight-only `quantize`d); returns its manifest and
     the per-pass report. The quantization scheme ("int4-b32-sym") is the quantize pass entry's "scheme"."""
     src, out = Path(artifact), Path(out)
@@ -98,7 +103,8 @@ def optimize(artifact: str | Path, out: str | Path, dialect: str, dtype: str | N
         for entry in manifest.ranks:
             progress(f"rank {entry.rank + 1}/{manifest.tp}: {manifest.dialect} -> {target.name}")
             model = ir.load(str(src / entry.onnx.file))
-            passes = optimize_model(model, target.name, dtype, debug, quantize, fuse_projections, weights_nk)
+            passes = optimize_model(model, target.name, dtype, debug, quantize, fuse_projections, weights_nk,
+                                    fuse_min_members, tied_lm_head)
             ranks.append(_save_rank(model, tmp, entry.rank))
             reports.append({"rank": entry.rank, "passes": [_pass_dict(p, quantize) for p in passes],
                             "ops": dict(op_counts(model))})

@@ -27,6 +27,7 @@ from .backend import BackendError
 from .ort_backend import ONNX_TYPES, OrtBackend, OrtOptions, past_names, present_names
 from .sampler import Sampler, SamplingConfig
 from .sampler_graph import GraphedSampling, capturable
+from .sampler_torch import argmax_last
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class OrtCudaDecoder:
         self.stream.synchronize()  # torch's writes of ids / lengths are done before ORT reads them
         self.backend.session.run_with_iobinding(self.decode_binding, self.run_decode)
         if self._argmax_only(sampler):
-            torch.argmax(self.logits[:, 0], dim=-1, keepdim=True, out=self.ids)
+            self.ids[:, 0] = argmax_last(self.logits[:, 0])
             out_tokens.copy_(self.ids[:, 0])
         else:
             if self._graphed is None or self._graphed.sampler is not sampler:

@@ -13,6 +13,22 @@ import torch
 from .sampler import SampleResult
 
 
+def argmax_last(x: torch.Tensor) -> torch.Tensor:
+    """argmax over the last axis of [B, V] (first index among equal maxima, as torch.argmax), in two stages.
+
+    One row of a 128K vocabulary is one long reduction, which torch.argmax runs on few blocks (35 us per decode
+    step at batch 1 on an H100, 2% of a 1B model's step). Row maxima of chunks first, then the argmax of those:
+    the chunk of the first maximum holds the first maximal index.
+    """
+    B, V = x.shape
+    chunk = next((c for c in (1024, 512, 256, 128, 64) if V % c == 0 and V // c >= 8), None)
+    if chunk is None:
+        return x.argmax(dim=-1)
+    values, within = x.reshape(B, V // chunk, chunk).max(dim=-1)
+    best = values.argmax(dim=-1, keepdim=True)
+    return (best * chunk + within.gather(-1, best)).squeeze(-1)
+
+
 def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask of the ``k`` largest logits (lower index wins ties); ``k <= 0`` keeps all."""
     if k < 0:
@@ -151,11 +167,11 @@ class TorchState:
     @torch.no_grad()
     def greedy(self, x: torch.Tensor) -> SampleResult:
         m, s = self._exp(x)
-        return self._result(x, x.argmax(dim=-1), m, s)
+        return self._result(x, argmax_last(x), m, s)
 
     @torch.no_grad()
     def draw(self, x: torch.Tensor) -> SampleResult:
         m, s = self._exp(x)
         q = self._q.exponential_(generator=self._gen).clamp_min_(torch.finfo(torch.float32).tiny)
         torch.div(self._e, q, out=q)
-        return self._result(x, q.argmax(dim=-1), m, s)
+        return self._result(x, argmax_last(q), m, s)

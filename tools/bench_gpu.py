@@ -8,7 +8,9 @@ Per model/dtype/batch: decode ms/token (median of per-step CUDA-event times afte
                             std export optimized into DIALECT (or the std-nononpad variant); flags: nograph (no
                             CUDA graph), stdprefill (prefill through the std export), int4 / int8 (weight-only,
                             block 32, symmetric; the roofline then counts the packed bytes), nofuse (keep q/k/v
-                            and gate/up MatMuls apart), nk ([N, K] weights via FusedMatMul transB=1)
+                            and gate/up MatMuls apart), qkvonly (fuse q/k/v, keep gate/up apart: no Split
+                            before SwiGLU), nk ([N, K] weights via FusedMatMul transB=1), untied (a tied LM head
+                            multiplies by Transpose(table), which ONNX Runtime folds into a second copy at load)
   torch-eager               decodekit's PyTorch reference Decoder, eager
   torch-compile             the same Decoder under torch.compile(mode="reduce-overhead") (gpt-fast style)
   hf-static                 transformers generate() with a static cache
@@ -50,7 +52,7 @@ def export_std(name: str, dtype: str, max_seq: int, work: Path) -> Path:
 
 
 VARIANTS = {"std-nononpad": "std"}  # measurement-only graph surgery (tools/bench_variants.py) on an optimized dialect
-FLAGS = {"nograph", "stdprefill", "int4", "int8", "nofuse", "nk"}
+FLAGS = {"nograph", "stdprefill", "int4", "int8", "nofuse", "qkvonly", "nk", "untied"}
 
 
 def artifact_for(std: Path, work: Path, dialect: str, flags: set[str]) -> Path:
@@ -62,11 +64,16 @@ def artifact_for(std: Path, work: Path, dialect: str, flags: set[str]) -> Path:
     fuse = "nofuse" not in flags
     base = VARIANTS.get(dialect, dialect)
     nk = "nk" in flags
-    tag = f"{base}{'' if fuse else '-nofuse'}{'-nk' if nk else ''}{'-' + quant if quant else ''}"
+    members = 3 if "qkvonly" in flags else 2  # qkvonly: q/k/v fused, gate/up apart (no Split before SwiGLU)
+    tied = "untied" not in flags  # untied: the LM head multiplies by a Transpose of the table (folded at load)
+    tag = (f"{base}{'' if fuse else '-nofuse'}{'-qkvonly' if members == 3 else ''}{'-nk' if nk else ''}"
+           f"{'' if tied else '-untied'}"
+           f"{'-' + quant if quant else ''}")
     path = work / f"{std.name.removesuffix('-std')}-{tag}"
     if not (path / "manifest.json").exists():
         t = time.perf_counter()
-        optimize(std, path, dialect=base, force=True, fuse_projections=fuse, weights_nk=nk,
+        optimize(std, path, dialect=base, force=True, fuse_projections=fuse, weights_nk=nk, fuse_min_members=members,
+                 tied_lm_head=tied,
                  quantize=QuantOptions(bits=int(quant[3:]), block_size=32) if quant else None)
         log(f"optimize {path.name}: {time.perf_counter() - t:.0f} s")
     if dialect in VARIANTS:

@@ -54,15 +54,15 @@ def _bias(node: ir.Node, graph_outputs: set[int]) -> tuple[ir.Node, ir.Value] | 
     return add, b
 
 
-def _groups(graph: ir.Graph) -> list[list[ir.Node]]:
-    """MatMuls sharing (activation, weight dtype, K), in graph order; only groups of two or more."""
+def _groups(graph: ir.Graph, min_members: int = 2) -> list[list[ir.Node]]:
+    """MatMuls sharing (activation, weight dtype, K), in graph order; only groups of min_members or more."""
     by_input: dict[tuple[int, ir.DataType, int], list[ir.Node]] = {}
     for node in graph:
         w = _weight(node)
         if w is not None and node.inputs[0] is not None:
             key = (id(node.inputs[0]), w.dtype, w.const_value.shape[0])
             by_input.setdefault(key, []).append(node)
-    return [g for g in by_input.values() if len(g) > 1]
+    return [g for g in by_input.values() if len(g) >= min_members]
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
@@ -125,12 +125,18 @@ def _fuse(graph: ir.Graph, group: list[ir.Node], graph_outputs: set[int]) -> boo
 
 
 class FuseProjectionsPass(ReportingPass):
+    """min_members=3 fuses q/k/v but leaves gate/up apart (no Split before SwiGLU): a measurement knob."""
+
     name = "fuse-projections"
+
+    def __init__(self, debug: bool = False, min_members: int = 2) -> None:
+        super().__init__(debug)
+        self.min_members = min_members
 
     def run(self, model: ir.Model) -> PassOutcome:
         graph = model.graph
         outputs = {id(v) for v in graph.outputs}
-        groups = [g for g in _groups(graph) if not any(id(n.outputs[0]) in outputs for n in g)]
+        groups = [g for g in _groups(graph, self.min_members) if not any(id(n.outputs[0]) in outputs for n in g)]
         counts = {"groups": 0, "matmuls": 0, "biases": 0}
         for group in groups:
             counts["biases"] += _fuse(graph, group, outputs)

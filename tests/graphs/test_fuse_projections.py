@@ -51,6 +51,15 @@ def test_qkv_and_gate_up_become_one_matmul_each(llama_pair):
     assert "linear" in names  # the Split outputs keep the replaced values' names
 
 
+def test_qkv_only_leaves_gate_up_apart(llama_std, llama_pair, tmp_path, ortkit):
+    plain, _, _ = llama_pair
+    _, report = optimize(llama_std, tmp_path / "qkv", "std", fuse_min_members=3)
+    assert report["counts"]["fuse-projections"] == {"groups": L, "matmuls": 3 * L}
+    counts = ops(tmp_path / "qkv")
+    assert counts["MatMul"] == 5 * L + 1 and counts["Split"] == L
+    assert parity(ortkit, plain, tmp_path / "qkv") <= TOL
+
+
 def test_fused_graph_computes_the_unfused_one(llama_pair, ortkit):
     plain, fused, _ = llama_pair
     assert parity(ortkit, plain, fused) <= TOL

@@ -47,3 +47,19 @@ def test_graphed_step_equals_eager_step(name):
         assert got.tokens.tolist() == want.tokens.tolist(), f"step {i}"
         torch.testing.assert_close(got.logprobs, want.logprobs)
     assert torch.equal(graphed.output_counts, eager.output_counts)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_two_stage_argmax_is_torch_argmax_ties_included(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from decodekit.runtime.sampler_torch import argmax_last
+
+    gen = torch.Generator().manual_seed(0)
+    for V in (128256, 151936, 32000, 4099):  # 4099 is prime: the one-stage fallback
+        x = torch.randn(4, V, generator=gen).half()
+        x[1, [7, 3000, V - 1]] = 9.0  # ties: the first index wins
+        x[2, :] = 0.0
+        x[3, V - 1] = 9.0
+        x = x.to(device)
+        assert argmax_last(x).tolist() == x.argmax(dim=-1).tolist() == [argmax_last(x)[0].item(), 7, 0, V - 1]
