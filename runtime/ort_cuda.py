@@ -20,13 +20,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..export.manifest import read_manifest
 from .backend import BackendError
 from .ort_backend import ONNX_TYPES, OrtBackend, OrtOptions, past_names, present_names
 from .sampler import Sampler, SamplingConfig
-from .sampler_graph import GraphedSampling, capturable
+from .sampler_graph import CapturedStep, GraphedSampling, capturable
 from .sampler_torch import argmax_last
 
 
@@ -79,7 +79,8 @@ class OrtCudaDecoder:
 
         self.run_decode = ort.RunOptions()
         self.run_decode.add_run_config_entry("gpu_graph_id", str(batch))
-        self._graphed: GraphedSampling | None = None  # the sampling step, captured (with cuda_graph)
+        self._post: Callable[[], Any] = lambda: None  # the torch part of a decode step, for _post_sampler
+        self._post_sampler: Sampler | None = None
         self.run_prefill = ort.RunOptions()
         self.run_prefill.add_run_config_entry("gpu_graph_id", "-1")
 
@@ -130,27 +131,41 @@ class OrtCudaDecoder:
 
     def decode_step(self, sampler: Sampler, out_tokens: Any) -> None:
         """One decode step: graph replay, sample into ids, advance lengths; all on the device."""
-        import torch
-
         self.stream.synchronize()  # torch's writes of ids / lengths are done before ORT reads them
         self.backend.session.run_with_iobinding(self.decode_binding, self.run_decode)
-        if self._argmax_only(sampler):
-            self.ids[:, 0] = argmax_last(self.logits[:, 0])
-            out_tokens.copy_(self.ids[:, 0])
-        else:
-            if self._graphed is None or self._graphed.sampler is not sampler:
-                self._graphed = GraphedSampling(sampler, self.logits[:, 0]) \
-                    if self.options.cuda_graph and capturable(sampler, self.logits[:, 0]) else None
-            if self._graphed is not None:
-                tok = self._graphed().tokens
-            else:
-                tok = sampler.sample(self.logits[:, 0]).tokens
-                sampler.observe(tok)
+        if self._post_sampler is not sampler:
+            self._post, self._post_sampler = self._post_step(sampler), sampler
+        out_tokens.copy_(self._post())
+
+    def _post_step(self, sampler: Sampler) -> Callable[[], Any]:
+        """The torch part of a step (choose the token, write it into ids, advance the lengths); with cuda_graph,
+        captured as one graph (runtime/sampler_graph.py), so the host launches one replay instead of ~10-30
+        kernels while the GPU waits."""
+        logits = self.logits[:, 0]
+        inputs = [self.ids, self.pos, self.write, self.nonpad]
+
+        def advance(tok: Any) -> None:
             self.ids[:, 0] = tok
-            out_tokens.copy_(tok)
-        self.pos += 1
-        self.write += 1
-        self.nonpad += 1
+            self.pos += 1
+            self.write += 1
+            self.nonpad += 1
+
+        if self._argmax_only(sampler):
+            def choose() -> Any:
+                tok = argmax_last(logits)
+                advance(tok)
+                return tok
+            return CapturedStep(choose, logits.device, inputs).replay if self.options.cuda_graph else choose
+        if self.options.cuda_graph and capturable(sampler, logits):
+            graphed = GraphedSampling(sampler, logits, epilogue=lambda r: advance(r.tokens), restore=inputs)
+            return lambda: graphed().tokens
+
+        def eager() -> Any:
+            tok = sampler.sample(logits).tokens
+            sampler.observe(tok)
+            advance(tok)
+            return tok
+        return eager
 
     def generate(self, prompts: list[list[int]], new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                  timings: list[float] | None = None) -> list[list[int]]:

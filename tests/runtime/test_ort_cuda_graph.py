@@ -53,7 +53,7 @@ def test_graph_decode_matches_uncaptured_and_transformers(artifacts, hf_checkpoi
     import torch
     import transformers
 
-    from decodekit.runtime.ort_cuda import OrtCudaDecoder
+    from decodekit.runtime.ort_cuda import CudaDecodeOptions, OrtCudaDecoder
 
     art = artifacts["ort-gqa-static"]
     with OrtBackend(art, device="cuda", cuda_graph=False) as plain:
@@ -67,7 +67,11 @@ def test_graph_decode_matches_uncaptured_and_transformers(artifacts, hf_checkpoi
         assert generate_ids(graphed, PROMPTS[::-1], 40, eos_ids=(), state=second) == want[::-1]
         assert generate_ids(graphed, PROMPTS, 40, eos_ids=(), state=first) == want
         assert generate_ids(graphed, [PROMPTS[0]], 40, eos_ids=()) == want[:1]  # batch 1: its own graph
-    assert OrtCudaDecoder(art, 2).generate(PROMPTS, 40) == want
+    assert OrtCudaDecoder(art, 2).generate(PROMPTS, 40) == want  # sampler step captured with the advance
+    argmax_only = OrtCudaDecoder(art, 2, CudaDecodeOptions(logprobs=False))  # argmax + advance captured
+    assert argmax_only.generate(PROMPTS, 40) == want
+    assert argmax_only.generate(PROMPTS, 40) == want  # a second call recaptures for its new sampler
+    assert OrtCudaDecoder(art, 2, CudaDecodeOptions(cuda_graph=False)).generate(PROMPTS, 40) == want
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_checkpoint("llama"), dtype=torch.float16).cuda()
     ids = torch.tensor(PROMPTS, device="cuda")
