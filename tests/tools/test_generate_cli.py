@@ -80,3 +80,10 @@ def test_bad_ids_and_prompt_without_tokenizer(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["text"] == [None] and len(doc["tokens"][0]) == 3
+
+
+def test_cuda_graph_flags_are_one_line_errors(tiny):
+    assert_user_error(decodekit(str(tiny), "--ids", "1,2", "--cuda-graph"), "--backend ort --device cuda only")
+    # the std dialect reads lengths on the host: a graph is refused before any GPU is needed
+    assert_user_error(decodekit(str(tiny), "--ids", "1,2", "--device", "cuda", "--cuda-graph"),
+                      "stale lengths", "--dialect ort-gqa-static")
