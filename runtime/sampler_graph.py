@@ -81,7 +81,7 @@ class GraphedSampling:
         B = sampler.batch_size
         self._active = torch.ones(B, dtype=torch.bool, device=logits_BV.device)
         self._active_host = torch.ones(B, dtype=torch.bool, pin_memory=True)
-        self._all_active = True
+        self._copied = torch.cuda.Event()
         self._step = CapturedStep(self._body, logits_BV.device, [st.counts, *restore],
                                   [] if sampler.config.greedy else [st._gen])
 
@@ -102,9 +102,12 @@ class GraphedSampling:
         """Sample from the current contents of the captured logits and count the tokens of active rows."""
         import torch
 
-        if active_B is not None or not self._all_active:  # the device mask changes only when asked to
-            self._active_host.numpy()[:] = True if active_B is None else active_B
+        host = self._active_host.numpy()
+        want = True if active_B is None else np.asarray(active_B, dtype=bool)
+        if not np.all(host == want):  # the device mask is copied only when it changes
+            self._copied.synchronize()  # the last copy has read the pinned buffer before it is rewritten
+            host[:] = want
             with torch.cuda.stream(self._step._stream):
                 self._active.copy_(self._active_host, non_blocking=True)
-            self._all_active = active_B is None
+                self._copied.record()
         return self._step.replay()
