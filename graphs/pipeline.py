@@ -125,7 +125,8 @@ def _pass_dict(p: PassReport, quantize: QuantOptions | None) -> dict[str, Any]:
     return d
 
 
-REWRITING = ("fuse-std", "fuse-projections", "weights-nk", "lower-ort-gqa", "lower-decomposed", "quantize")
+REWRITING = ("fuse-std", "fuse-projections", "weights-nk", "tied-lm-head", "lower-ort-gqa", "lower-decomposed",
+             "quantize")
 
 
 def summary(passes: list[dict[str, Any]]) -> dict[str, dict[str, int]]:

@@ -16,7 +16,7 @@ import click
               help="convert weights, activations, KV cache and logits (default: keep the artifact's)")
 @click.option("--quantize", "quant", default=None, type=click.Choice(["int4", "int8"]),
               help="weight-only blockwise quantization of the linear layers (embeddings, norms and the LM head kept)")
-@click.option("--block-size", default=32, show_default=True, type=click.Choice(["16", "32", "64", "128", "256"]),
+@click.option("--block-size", default="32", show_default=True, type=click.Choice(["16", "32", "64", "128", "256"]),
               help="quantization block length along K")
 @click.option("--symmetric/--asymmetric", default=True, show_default=True, help="zero point 2^(bits-1) or per block")
 @click.option("--quantize-lm-head/--no-quantize-lm-head", default=False, show_default=True)

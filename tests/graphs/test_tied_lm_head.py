@@ -33,9 +33,14 @@ def tied(tmp_path_factory):
 
 @pytest.mark.parametrize("dialect,dtype", [("ort-gqa-static", None), ("ort-gqa", None), ("ort-gqa-static", "fp16")])
 def test_head_reads_the_embedding_table(tied, tmp_path, dialect, dtype):
+    import onnxruntime as ort
+
+    if dialect == "ort-gqa" and tuple(int(x) for x in ort.__version__.split(".")[:2]) < (1, 32):
+        pytest.skip(f"the ort-gqa dialect needs onnxruntime >= 1.32 (this is {ort.__version__})")
     src, cfg = tied
     out = tmp_path / "a"
     _, report = optimize(src, out, dialect, dtype=dtype)
+    assert report["counts"]["tied-lm-head"] == {"FusedMatMul": 1}
     graph = onnx.load(str(out / "rank0.onnx")).graph
     tables = [i for i in graph.initializer if cfg.vocab_size in i.dims]
     assert len(tables) == 1 and list(tables[0].dims) == [cfg.vocab_size, cfg.hidden_size]
