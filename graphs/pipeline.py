@@ -1,7 +1,8 @@
 """`decodekit optimize` as a library function: artifact -> new artifact in another dialect / precision.
 
     front:  fold constants -> shape inference -> fuse std ops back -> dead code -> precision -> fuse sibling
-            projections (q/k/v, gate/up: one MatMul + Split; ``fuse_projections=False`` keeps them apart)
+            projections (q/k/v, gate/up: one MatMul + Split; ``PassOptions(fuse_projections=False)`` keeps
+            them apart)
     dialect lowering (graphs/dialects.py)
     back:   fold constants -> CSE -> dead code -> shape inference -> contract check (I/O, ir_version 10)
 
@@ -38,18 +39,38 @@ from .passes.weights_nk import WeightsNkPass
 Progress = Callable[[str], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class PassOptions:
+    """Optional rewrites of the pipeline (the defaults are what `decodekit optimize` does).
+
+    fuse_projections: q/k/v and gate/up as one MatMul + Split each (graphs/passes/fuse_projections.py);
+    fuse_min_members=3 fuses q/k/v only. tied_lm_head: ORT dialects multiply a tied head by the embedding
+    table itself (graphs/passes/tied_lm_head.py). weights_nk: [N, K] weights through com.microsoft
+    FusedMatMul(transB=1) (graphs/passes/weights_nk.py; an experiment, not with quantize).
+    """
+
+    fuse_projections: bool = True
+    fuse_min_members: int = 2
+    tied_lm_head: bool = True
+    weights_nk: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fuse_min_members < 2:
+            raise ConfigError(f"fuse_min_members must be >= 2, got {self.fuse_min_members}")
+
+
 def build_passes(dialect: Dialect, dtype: str | None, signature: tuple[list[str], list[str]],
                  debug: bool = False, quantize: QuantOptions | None = None,
-                 fuse_projections: bool = True, weights_nk: bool = False,
-                 fuse_min_members: int = 2, tied_lm_head: bool = True) -> list[ReportingPass]:
+                 options: PassOptions = PassOptions()) -> list[ReportingPass]:
     # quantize runs after the back end's folding, which would otherwise fold DequantizeLinear(constant) away
+    o = options
     return [
         FoldConstantsPass(debug), ShapeInferencePass(debug), FuseStdPass(debug), DeadCodeEliminationPass(debug),
         ConvertPrecisionPass(dtype, debug, softmax_attr=dialect.name != "std"),
-        *([FuseProjectionsPass(debug, fuse_min_members)] if fuse_projections else []),
+        *([FuseProjectionsPass(debug, o.fuse_min_members)] if o.fuse_projections else []),
         *dialect.lowering(debug),
-        *([TiedLmHeadPass(debug)] if tied_lm_head and dialect.name.startswith("ort-") else []),
-        *([WeightsNkPass(debug)] if weights_nk else []),
+        *([TiedLmHeadPass(debug)] if o.tied_lm_head and dialect.name.startswith("ort-") else []),
+        *([WeightsNkPass(debug)] if o.weights_nk else []),
         FoldConstantsPass(debug), CsePass(debug), DeadCodeEliminationPass(debug),
         *([QuantizePass(quantize, debug)] if quantize is not None else []),
         ShapeInferencePass(debug),
@@ -58,17 +79,11 @@ def build_passes(dialect: Dialect, dtype: str | None, signature: tuple[list[str]
 
 
 def optimize_model(model: ir.Model, dialect: str, dtype: str | None = None, debug: bool = False,
-                   quantize: QuantOptions | None = None, fuse_projections: bool = True,
-                   weights_nk: bool = False, fuse_min_members: int = 2, tied_lm_head: bool = True) -> list[PassReport]:
-    """Run the pipeline in place on one rank's model; returns one report per pass.
-
-    weights_nk: [N, K] weights through com.microsoft FusedMatMul(transB=1) (ONNX Runtime only; see
-    graphs/passes/weights_nk.py), not with ``quantize``. fuse_min_members=3: fuse q/k/v only (not gate/up).
-    tied_lm_head=False: keep MatMul(h, Transpose(E)) for a tied head (graphs/passes/tied_lm_head.py)."""
-    if weights_nk and quantize is not None:
+                   quantize: QuantOptions | None = None, options: PassOptions = PassOptions()) -> list[PassReport]:
+    """Run the pipeline in place on one rank's model; returns one report per pass."""
+    if options.weights_nk and quantize is not None:
         raise ConfigError("weights_nk rewrites the MatMuls quantize would replace; use one or the other")
-    passes = build_passes(get_dialect(dialect), dtype, io_signature(model), debug, quantize, fuse_projections,
-                          weights_nk, fuse_min_members, tied_lm_head)
+    passes = build_passes(get_dialect(dialect), dtype, io_signature(model), debug, quantize, options)
     try:
         ir.passes.Sequential(*passes)(model)
     except Exception as e:  # onnx_ir wraps pass failures; surface a user-facing one as itself
@@ -83,9 +98,8 @@ def optimize_model(model: ir.Model, dialect: str, dtype: str | None = None, debu
 
 def optimize(artifact: str | Path, out: str | Path, dialect: str, dtype: str | None = None, debug: bool = False,
              force: bool = False, progress: Progress = lambda msg: None,
-             quantize: QuantOptions | None = None, fuse_projections: bool = True,
-             weights_nk: bool = False, fuse_min_members: int = 2,
-             tied_lm_head: bool = True) -> tuple[Manifest, dict[str, Any]]:
+             quantize: QuantOptions | None = None,
+             options: PassOptions = PassOptions()) -> tuple[Manifest, dict[str, Any]]:
     """Write a new artifact at OUT in `dialect` (and `dtype`, weight-only `quantize`d); returns its manifest and
     the per-pass report. The quantization scheme ("int4-b32-sym") is the quantize pass entry's "scheme"."""
     src, out = Path(artifact), Path(out)
@@ -103,8 +117,7 @@ def optimize(artifact: str | Path, out: str | Path, dialect: str, dtype: str | N
         for entry in manifest.ranks:
             progress(f"rank {entry.rank + 1}/{manifest.tp}: {manifest.dialect} -> {target.name}")
             model = ir.load(str(src / entry.onnx.file))
-            passes = optimize_model(model, target.name, dtype, debug, quantize, fuse_projections, weights_nk,
-                                    fuse_min_members, tied_lm_head)
+            passes = optimize_model(model, target.name, dtype, debug, quantize, options)
             ranks.append(_save_rank(model, tmp, entry.rank))
             reports.append({"rank": entry.rank, "passes": [_pass_dict(p, quantize) for p in passes],
                             "ops": dict(op_counts(model))})

@@ -58,7 +58,7 @@ FLAGS = {"nograph", "stdprefill", "int4", "int8", "nofuse", "qkvonly", "nk", "un
 def artifact_for(std: Path, work: Path, dialect: str, flags: set[str]) -> Path:
     """The artifact an `ort:DIALECT:flags` system runs, optimized from the std export once per work folder."""
     from ..graphs.passes.quantize import QuantOptions
-    from ..graphs.pipeline import optimize
+    from ..graphs.pipeline import PassOptions, optimize
 
     quant = next((f for f in flags if f in ("int4", "int8")), None)
     fuse = "nofuse" not in flags
@@ -72,8 +72,8 @@ def artifact_for(std: Path, work: Path, dialect: str, flags: set[str]) -> Path:
     path = work / f"{std.name.removesuffix('-std')}-{tag}"
     if not (path / "manifest.json").exists():
         t = time.perf_counter()
-        optimize(std, path, dialect=base, force=True, fuse_projections=fuse, weights_nk=nk, fuse_min_members=members,
-                 tied_lm_head=tied,
+        optimize(std, path, dialect=base, force=True,
+                 options=PassOptions(fuse_projections=fuse, fuse_min_members=members, tied_lm_head=tied, weights_nk=nk),
                  quantize=QuantOptions(bits=int(quant[3:]), block_size=32) if quant else None)
         log(f"optimize {path.name}: {time.perf_counter() - t:.0f} s")
     if dialect in VARIANTS:

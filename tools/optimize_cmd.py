@@ -34,13 +34,13 @@ def command(artifact: str, out: str, dialect: str, dtype: str | None, quant: str
             fuse_projections: bool, debug: bool, force: bool, as_json: bool) -> None:
     """Fold, fuse and lower ARTIFACT's graphs into DIALECT (and DTYPE), writing a new artifact at OUT."""
     from ..graphs.passes.quantize import QuantOptions
-    from ..graphs.pipeline import optimize
+    from ..graphs.pipeline import PassOptions, optimize
 
     quantize = None if quant is None else QuantOptions(int(quant[3:]), int(block_size), symmetric, quantize_lm_head,
                                                        quant_format, accuracy_level)
     _, report = optimize(artifact, out, dialect, dtype, debug=debug, force=force,
                          progress=lambda m: click.echo(f"[optimize] {m}", err=True), quantize=quantize,
-                         fuse_projections=fuse_projections)
+                         options=PassOptions(fuse_projections=fuse_projections))
     if as_json:
         click.echo(json.dumps(report))
         return

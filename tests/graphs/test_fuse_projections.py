@@ -9,7 +9,7 @@ import pytest
 
 from decodekit.export.manifest import read_manifest
 from decodekit.graphs.passes.quantize import QuantOptions
-from decodekit.graphs.pipeline import optimize
+from decodekit.graphs.pipeline import PassOptions, optimize
 
 L = 2  # layers of the test checkpoints
 TOL = 1e-5  # relative logit error: the same products, summed in another kernel
@@ -31,7 +31,7 @@ def parity(ortkit, a, b) -> float:
 def llama_pair(llama_std, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuse")
     _, fused = optimize(llama_std, root / "fused", "std")
-    _, plain = optimize(llama_std, root / "plain", "std", fuse_projections=False)
+    _, plain = optimize(llama_std, root / "plain", "std", options=PassOptions(fuse_projections=False))
     return root / "plain", root / "fused", fused
 
 
@@ -53,7 +53,7 @@ def test_qkv_and_gate_up_become_one_matmul_each(llama_pair):
 
 def test_qkv_only_leaves_gate_up_apart(llama_std, llama_pair, tmp_path, ortkit):
     plain, _, _ = llama_pair
-    _, report = optimize(llama_std, tmp_path / "qkv", "std", fuse_min_members=3)
+    _, report = optimize(llama_std, tmp_path / "qkv", "std", options=PassOptions(fuse_min_members=3))
     assert report["counts"]["fuse-projections"] == {"groups": L, "matmuls": 3 * L}
     counts = ops(tmp_path / "qkv")
     assert counts["MatMul"] == 5 * L + 1 and counts["Split"] == L
@@ -70,7 +70,7 @@ def test_biases_fuse_with_their_projections(hf_checkpoint, exported, tmp_path, o
     _, report = optimize(src, tmp_path / "fused", "std")
     counts = report["counts"]["fuse-projections"]
     assert counts == {"groups": 2 * L, "matmuls": 5 * L, "biases": L}
-    _, _ = optimize(src, tmp_path / "plain", "std", fuse_projections=False)
+    _, _ = optimize(src, tmp_path / "plain", "std", options=PassOptions(fuse_projections=False))
     assert parity(ortkit, tmp_path / "plain", tmp_path / "fused") <= TOL
 
 
@@ -97,7 +97,7 @@ def test_tp2_ranks_fuse_their_shards(tiny_tp2, tmp_path):
 
 
 def test_weights_nk_computes_the_same_model(llama_std, tmp_path, ortkit):
-    _, report = optimize(llama_std, tmp_path / "nk", "ort-gqa", weights_nk=True)
+    _, report = optimize(llama_std, tmp_path / "nk", "ort-gqa", options=PassOptions(weights_nk=True))
     assert report["counts"]["weights-nk"] == {"FusedMatMul": 4 * L + 1}
     assert ops(tmp_path / "nk")["MatMul"] == 0
     assert parity(ortkit, llama_std, tmp_path / "nk") <= 1e-4  # GQA vs std attention: test_dialects' tolerance
