@@ -50,8 +50,8 @@ def _sampling(**kw):
 @click.option("--stop", multiple=True, help="stop string (repeatable), matched as a token sequence")
 @click.option("--json", "as_json", is_flag=True,
               help='print one JSON document {"tokens": [[...]], "text": [...], "finish_reasons": [...]}')
-def command(artifact: str, backend: str, device: str, cuda_graph: bool | None, prompts: tuple[str, ...], ids: tuple[str, ...],
-            max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float,
+def command(artifact: str, backend: str, device: str, cuda_graph: bool | None, prompts: tuple[str, ...],
+            ids: tuple[str, ...], max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float,
             repetition_penalty: float, presence_penalty: float, frequency_penalty: float, seed: int | None,
             stop: tuple[str, ...], as_json: bool) -> None:
     """Generate tokens from ARTIFACT for --prompt texts or --ids token lists; streams a single prompt's text."""
