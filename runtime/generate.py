@@ -145,11 +145,11 @@ def _loop(backend: Backend, prompts: list[list[int]], sampling: SamplingConfig, 
         if step == 1 and capturable(sampler, last_BV):
             graphed = GraphedSampling(sampler, last_BV)
         if graphed is not None and graphed.reads(last_BV):
-            result = graphed(active_B)
+            tokens_B, logprobs_B = graphed.host(active_B)
         else:
             result = sampler.sample(last_BV)
             sampler.observe(result.tokens, active_B)
-        tokens_B, logprobs_B = _host(result.tokens), _host(result.logprobs)
+            tokens_B, logprobs_B = _host(result.tokens), _host(result.logprobs)
         stops.update(tokens_B, active_B)
         yield StepEvent(step, tokens_B, logprobs_B, active_B, stops.finished.copy(), tuple(stops.reasons))
         if stops.all_finished:

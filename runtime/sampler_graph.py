@@ -82,6 +82,8 @@ class GraphedSampling:
         self._active = torch.ones(B, dtype=torch.bool, device=logits_BV.device)
         self._active_host = torch.ones(B, dtype=torch.bool, pin_memory=True)
         self._copied = torch.cuda.Event()
+        self._packed = torch.empty(2, B, dtype=torch.float64, device=logits_BV.device)
+        self._packed_host = torch.empty(2, B, dtype=torch.float64, pin_memory=True)
         self._step = CapturedStep(self._body, logits_BV.device, [st.counts, *restore],
                                   [] if sampler.config.greedy else [st._gen])
 
@@ -92,10 +94,14 @@ class GraphedSampling:
                                                                                      t.stride())
 
     def _body(self) -> SampleResult:
+        import torch
+
         result = self.sampler.sample(self.logits)
         self.sampler.observe(result.tokens, self._active)
         if self.epilogue is not None:
             self.epilogue(result)
+        # tokens and log-probs side by side for one device->host copy (float64 holds both exactly)
+        torch.stack([result.tokens.double(), result.logprobs.double()], out=self._packed)
         return result
 
     def __call__(self, active_B: np.ndarray | None = None) -> SampleResult:
@@ -111,3 +117,15 @@ class GraphedSampling:
                 self._active.copy_(self._active_host, non_blocking=True)
                 self._copied.record()
         return self._step.replay()
+
+    def host(self, active_B: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As calling it, and the [B] tokens (int64) and log-probs (float32) on the host, in one copy."""
+        import torch
+
+        self(active_B)
+        stream = self._step._stream
+        with torch.cuda.stream(stream):
+            self._packed_host.copy_(self._packed, non_blocking=True)
+        stream.synchronize()
+        packed = self._packed_host.numpy()
+        return packed[0].astype(np.int64), packed[1].astype(np.float32)
