@@ -98,7 +98,8 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], max_new_tokens:
     """Stream the generation of ``prompts`` (token ids) as StepEvents; checks run now, work on iteration.
 
     eos_ids: None = the artifact's config eos_token_ids; () = never stop on EOS.
-    state: a StepState of ``backend.allocate(len(prompts))`` to reuse (stale cache rows are masked).
+    state: a StepState of ``backend.allocate(len(prompts))`` to reuse (stale cache rows are masked); on the
+    ort backend with CUDA graphs a state keeps its captured decode graph, so reusing one skips the capture.
     """
     check_request(backend, prompts, max_new_tokens)
     eos = backend.manifest.config.eos_token_ids if eos_ids is None else tuple(eos_ids)

@@ -17,6 +17,7 @@ gpu_graph_id), and replayed; prefill runs uncaptured (gpu_graph_id -1).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,7 @@ OPT_LEVELS = ("disable", "basic", "extended", "all")
 # Dialects whose decode step reads no length on the host and has fixed shapes: a captured CUDA graph stays valid
 # as the sequences grow (std's Attention and ort-gqa's GroupQueryAttention read lengths on the host each step).
 GRAPH_SAFE_DIALECTS = ("ort-gqa-static", "std+std-nononpad")
+MAX_CUDA_GRAPHS = 16  # captured decode graphs per backend (one per allocated state)
 
 
 @dataclass(frozen=True)
@@ -201,9 +203,19 @@ class OrtBackend(Backend):
             h.decode_host[name] = h.decode_pinned[row].numpy().reshape(shape)  # views of the pinned rows
             h.decode_inputs[name] = h.decode_device[row]
         if self.cuda_graph:
-            self._graphs += 1  # a graph per state: it replays this state's buffer addresses
+            # a graph per state: it replays this state's buffer addresses, and ORT keeps every graph (and the memory
+            # it captured) for the session's life; past MAX_CUDA_GRAPHS states decode uncaptured: reuse states
             h.run_options = ort.RunOptions()
-            h.run_options.add_run_config_entry("gpu_graph_id", str(self._graphs))
+            if self._graphs < MAX_CUDA_GRAPHS:
+                self._graphs += 1
+                h.run_options.add_run_config_entry("gpu_graph_id", str(self._graphs))
+            else:
+                h.run_options.add_run_config_entry("gpu_graph_id", "-1")
+                if self._graphs == MAX_CUDA_GRAPHS:
+                    self._graphs += 1
+                    warnings.warn(f"{self.artifact}: more than {MAX_CUDA_GRAPHS} states allocated on one ort backend; "
+                                  f"new ones decode without a CUDA graph (pass state= to generate to reuse one)",
+                                  stacklevel=3)
 
     def _decode_logits(self, batch: int) -> tuple[Any, Any]:
         shape = (batch, 1, self.vocab)

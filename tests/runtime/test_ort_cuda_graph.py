@@ -78,3 +78,21 @@ def test_graph_decode_matches_uncaptured_and_transformers(artifacts, hf_checkpoi
     out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, min_new_tokens=40,
                       do_sample=False, pad_token_id=0)
     assert out[:, ids.shape[1]:].tolist() == want
+
+
+def test_states_past_the_graph_cap_decode_uncaptured(artifacts, monkeypatch):
+    reason = _gpu_ready()
+    if reason:
+        pytest.skip(reason)
+    from decodekit.runtime import ort_backend
+
+    monkeypatch.setattr(ort_backend, "MAX_CUDA_GRAPHS", 2)
+    art = artifacts["ort-gqa-static"]
+    with OrtBackend(art, device="cuda", cuda_graph=False) as plain:
+        want = generate_ids(plain, PROMPTS, 24, eos_ids=())
+    with OrtBackend(art, device="cuda") as graphed:
+        states = [graphed.allocate(2), graphed.allocate(2)]
+        with pytest.warns(UserWarning, match="without a CUDA graph"):
+            states.append(graphed.allocate(2))
+        for state in states[::-1]:
+            assert generate_ids(graphed, PROMPTS, 24, eos_ids=(), state=state) == want
