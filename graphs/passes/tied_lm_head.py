@@ -18,8 +18,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from .base import PassOutcome, ReportingPass
-
-MS = "com.microsoft"
+from .weights_nk import replace_with_fused_transb
 
 
 def _tied_weight(node: ir.Node) -> ir.Value | None:
@@ -44,16 +43,11 @@ class TiedLmHeadPass(ReportingPass):
     name = "tied-lm-head"
 
     def run(self, model: ir.Model) -> PassOutcome:
-        graph, n = model.graph, 0
-        for node in list(graph):
+        n = 0
+        for node in list(model.graph):
             w = _tied_weight(node)
             if w is None:
                 continue
-            new = ir.node("FusedMatMul", [node.inputs[0], w], {"transB": 1, "alpha": 1.0}, domain=MS,
-                          name=f"{node.name}.tied")
-            new.outputs[0].dtype, new.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
-            ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+            replace_with_fused_transb(model, node, w, "tied")  # E is [vocab, hidden]: already [N, K]
             n += 1
-        if n:
-            model.opset_imports.setdefault(MS, 1)
         return PassOutcome(bool(n), {"FusedMatMul": n} if n else {})

@@ -20,6 +20,15 @@ from .fuse_projections import _weight
 MS = "com.microsoft"
 
 
+def replace_with_fused_transb(model: ir.Model, node: ir.Node, w_nk: ir.Value, suffix: str) -> None:
+    """Replace MatMul `node` (x @ W) with com.microsoft FusedMatMul(x, w_nk, transB=1), w_nk = W^T as [N, K]."""
+    new = ir.node("FusedMatMul", [node.inputs[0], w_nk], {"transB": 1, "alpha": 1.0}, domain=MS,
+                  name=f"{node.name}.{suffix}")
+    new.outputs[0].dtype, new.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
+    ir.convenience.replace_nodes_and_values(model.graph, node, [node], [new], node.outputs, new.outputs)
+    model.opset_imports.setdefault(MS, 1)
+
+
 class WeightsNkPass(ReportingPass):
     name = "weights-nk"
 
@@ -34,11 +43,6 @@ class WeightsNkPass(ReportingPass):
             value = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(w.dtype),
                              const_value=ir.Tensor(arr, dtype=w.dtype, name=name))
             graph.register_initializer(value)
-            new = ir.node("FusedMatMul", [node.inputs[0], value], {"transB": 1, "alpha": 1.0}, domain=MS,
-                          name=f"{node.name}.nk")
-            new.outputs[0].dtype, new.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
-            ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+            replace_with_fused_transb(model, node, value, "nk")
             n += 1
-        if n:
-            model.opset_imports.setdefault(MS, 1)
         return PassOutcome(bool(n), {"FusedMatMul": n})
