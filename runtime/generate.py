@@ -139,11 +139,14 @@ def _loop(backend: Backend, prompts: list[list[int]], sampling: SamplingConfig, 
     write_B = np.empty(B, dtype=np.int64)
     nonpad_B = np.empty(B, dtype=np.int64)
     length_B = lens_B.copy()  # rows of valid cache per sequence
-    graphed = None  # CUDA: the decode steps' sampling, captured once their logits buffer is known
+    graphed, first_ptr = None, None  # CUDA: decode sampling, captured once the logits buffer proves fixed
     step = 0
     while True:
         active_B = ~stops.finished
         if step == 1 and capturable(sampler, last_BV):
+            first_ptr = last_BV.data_ptr()
+        elif step == 2 and first_ptr is not None and first_ptr == last_BV.data_ptr():
+            # the decode logits buffer is fixed (a backend returning a new tensor per step stays eager)
             graphed = GraphedSampling(sampler, last_BV)
         if graphed is not None and graphed.reads(last_BV):
             tokens_B, logprobs_B = graphed.host(active_B)

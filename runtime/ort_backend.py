@@ -99,6 +99,7 @@ class OrtBackend(Backend):
         self.vocab = m.config.vocab_size
         self.cuda_graph = self._wants_cuda_graph()
         self._graphs = 0
+        self._prefill_run = _uncaptured_run() if self.cuda_graph else None
         self.session = create_session(m.rank_file(self.artifact, rank), self.options, cuda=self._cuda_setup())
         self._check_io()
 
@@ -248,19 +249,12 @@ class OrtBackend(Backend):
             run = h.run_options
         else:
             logits = self._bind_prefill(h, arrays, B, S)
-            run = self._uncaptured() if self.cuda_graph else None
+            run = self._prefill_run
         if self.options.device == "cuda":
             # torch's copies (and the caller's sampling) are done before ORT reads; ORT syncs the stream at its end
             self._stream.synchronize()
         self.session.run_with_iobinding(h.binding, run)
         return logits
-
-    def _uncaptured(self) -> Any:
-        import onnxruntime as ort
-
-        run = ort.RunOptions()
-        run.add_run_config_entry("gpu_graph_id", "-1")
-        return run
 
     def _bind_decode(self, h: OrtHandles, arrays: dict[str, np.ndarray]) -> Any:
         for name, a in arrays.items():
@@ -321,6 +315,15 @@ class OrtBackend(Backend):
 
     def close(self) -> None:
         self.session = None
+
+
+def _uncaptured_run() -> Any:
+    """RunOptions of a step ORT must run, not capture or replay (gpu_graph_id -1)."""
+    import onnxruntime as ort
+
+    run = ort.RunOptions()
+    run.add_run_config_entry("gpu_graph_id", "-1")
+    return run
 
 
 def _require_cuda_ep() -> None:
