@@ -56,7 +56,7 @@ def export_artifact(source: str, out: str | Path, options: ExportOptions = Expor
     if options.max_seq > config.max_position_embeddings:
         raise ConfigError(f"--max-seq {options.max_seq} exceeds the model's max_position_embeddings "
                           f"{config.max_position_embeddings}")
-    with atomic_folder(out, options.force) as tmp:
+    with atomic_folder(out, options.force, keep=[source]) as tmp:
         progress(f"loading {source} ({options.dtype}, {config.num_parameters() / 1e6:.1f}M parameters)")
         model = load_source(source, options.dtype, rope_positions=options.max_seq, seed=options.seed)
         ranks = [_export_rank(model, r, options, tmp, progress) for r in range(options.tp)]

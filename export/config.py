@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message says what to do."""
+from ..errors import ConfigError  # noqa: F401 - re-exported (the home of every user error is errors.py)
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ArtifactError  # noqa: F401 - re-exported
 from .config import ModelConfig
 
 FORMAT = "decodekit-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-class ArtifactError(ValueError):
-    """An artifact that cannot be used as it is; the message says what to do."""
 
 
 @dataclass(frozen=True)

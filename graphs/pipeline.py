@@ -112,7 +112,7 @@ def optimize(artifact: str | Path, out: str | Path, dialect: str, dtype: str | N
                           f"artifacts: optimize the std export instead")
     if out.resolve() == src.resolve():
         raise ConfigError(f"-o {out} is the input artifact; write the optimized artifact to another folder")
-    with atomic_folder(out, force) as tmp:
+    with atomic_folder(out, force, keep=[src]) as tmp:
         ranks, reports, model = [], [], None
         for entry in manifest.ranks:
             progress(f"rank {entry.rank + 1}/{manifest.tp}: {manifest.dialect} -> {target.name}")

@@ -30,15 +30,13 @@ from typing import Iterable
 
 import onnx_ir as ir
 
+from ..errors import PartitionError  # noqa: F401 - re-exported
+
 COLLECTIVE_DOMAIN = "trt"
 COLLECTIVE_OP = "DistCollective"
 REPLICATE_MAX_ELEMENTS = 4096  # a graph-input-only node reading a larger initializer (an embedding) is not copied
 
 Dim = int | str
-
-
-class PartitionError(ValueError):
-    """A graph this pass cannot cut; the message says why."""
 
 
 @dataclass(frozen=True)

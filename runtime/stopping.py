@@ -11,13 +11,9 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
-from ..export.config import ConfigError
+from ..errors import GenerationError  # noqa: F401 - re-exported
 
 FinishReason = Literal["eos", "stop", "length"]
-
-
-class GenerationError(ConfigError):
-    """A generation request that cannot run (too long, too many prompts, empty); the message says what to do."""
 
 
 class StopCriteria:

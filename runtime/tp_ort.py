@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import TpError  # noqa: F401 - re-exported
 from ..export.manifest import Manifest
 from .backend import Backend, BackendError, StepState, register, resolve_options
 from .ort_backend import STEP_INPUTS, OrtOptions, create_session
@@ -34,10 +35,6 @@ from .ort_backend import STEP_INPUTS, OrtOptions, create_session
 TORCH_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 OP_ALLOCATE, OP_STEP, OP_STOP = 1, 2, 3
 HEADER = 4  # op, batch, seq, reserved
-
-
-class TpError(BackendError):
-    """A tensor-parallel run that cannot go on (a peer died or hung, ranks disagree); says which rank."""
 
 
 # ------------------------------------------------------------------------------------------------------ group

@@ -1,7 +1,9 @@
 """The `decodekit` command line (click). Each command lives in its own module and calls a library function.
 
-User errors (bad paths, mismatched artifacts, unsupported inputs, missing backends) print one line on
-stderr and exit 1; anything else is a bug and keeps its traceback.
+Exit codes, decided here only: 0 success; 1 a user error (any ``errors.DecodekitError``: bad paths, mismatched
+artifacts, unsupported inputs, missing backends) or a failed validation, printed as one line on stderr; 2 a
+usage error (unknown option, bad choice: click's convention); 130 Ctrl-C (SIGINT), 143 SIGTERM, after the
+partial output folder was removed (export/folders.py). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 
 import click
 
-from ..errors import UserError  # noqa: F401 - commands raise it; re-exported here
+from ..errors import DecodekitError, Interrupted, UserError, sigterm_raises  # noqa: F401 - UserError re-exported
 
 # command name -> module under decodekit.tools defining a click command named `command`
 COMMANDS = {
@@ -46,35 +48,47 @@ def cli() -> None:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The error types printed as one line (none of these imports torch or onnx)."""
-    from ..errors import BackendError, CheckpointError
-    from ..export.config import ConfigError
-    from ..export.manifest import ArtifactError
+    """The error types printed as one line: every subclass of errors.DecodekitError."""
+    return (DecodekitError,)
 
-    return ConfigError, CheckpointError, ArtifactError, BackendError, UserError
+
+def one_line(message: str) -> str:
+    return " | ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run one command line; returns the exit code (user errors, usage errors and signals already reported)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    with sigterm_raises():
+        try:
+            with cli.make_context("decodekit", args) as ctx:
+                cli.invoke(ctx)
+        except click.exceptions.Exit as e:  # --help, --version, ctx.exit(code)
+            return e.exit_code
+        except click.UsageError as e:  # bad option / argument: one line, with the command it concerns
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            click.echo(f"error: {one_line(e.format_message())}{where}", err=True)
+            return 2
+        except click.ClickException as e:
+            click.echo(f"error: {one_line(e.format_message())}", err=True)
+            return e.exit_code
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            return 1
+        except KeyboardInterrupt:
+            click.echo("interrupted (SIGINT); partial output removed", err=True)
+            return 130
+        except Interrupted as e:
+            click.echo(f"terminated (signal {e.signum}); partial output removed", err=True)
+            return e.exit_code
+        except DecodekitError as e:
+            click.echo(f"error: {one_line(str(e))}", err=True)
+            return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cli.main(args=argv, prog_name="decodekit", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(1)
-    except click.UsageError as e:  # bad option / argument: one line, with the command it concerns
-        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
-        click.echo(f"error: {e.format_message()}{where}", err=True)
-        sys.exit(1)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted; nothing half-written was kept", err=True)
-        sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - only known user errors are shortened
-        if isinstance(e, user_errors()):
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-        raise
+    sys.exit(run(argv))
 
 
 if __name__ == "__main__":

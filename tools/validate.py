@@ -28,14 +28,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..errors import ValidationError  # noqa: F401 - re-exported
 from ..export.config import ConfigError
 
 Progress = Callable[[str], None]
 DTYPE_ORDER = ("fp32", "fp16", "bf16")  # tighter -> looser
-
-
-class ValidationError(ConfigError):
-    """A validation request that cannot run (bad backend list, prompts, steps); the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,7 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
-from ...export.config import ConfigError
-
-
-class DialectError(ConfigError):
-    """The graph cannot be put in the requested dialect; the message says why and what to do."""
+from ...errors import DialectError  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

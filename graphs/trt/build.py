@@ -25,7 +25,7 @@ import onnx
 from ...export.folders import atomic_folder
 from ...export.config import ConfigError
 from ...export.manifest import Manifest, file_entry, read_manifest, write_manifest
-from ...errors import BackendError
+from ...errors import EngineBuildError  # noqa: F401 - re-exported
 from . import api
 from .profiles import PROFILE_SETS, Profile, add_profiles, plan_profiles
 
@@ -36,10 +36,6 @@ BACKENDS = ("tensorrt",)
 KEY_OPS = {"TensorScatter": "KV_CACHE_UPDATE", "Attention": "ATTENTION", "DistCollective": "DIST_COLLECTIVE",
            "RMSNormalization": "NORMALIZATION", "RotaryEmbedding": "ROTARY_EMBEDDING"}
 _BEGIN, _END = "-- begin layer information: rank ", "-- end layer information: rank "
-
-
-class EngineBuildError(BackendError):
-    """TensorRT could not import or build a rank's graph; the message names the node and what to do."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +93,7 @@ def build_engines(artifact: str | Path, out: str | Path, options: BuildOptions =
                                                  f"{p.seq[2]})" for p in profiles))
     if not api.timing_cache_supported(t) and options.timing_cache:
         progress(f"note: {t.label} has no timing cache (its timing-cache calls are no-ops); --timing-cache ignored")
-    with atomic_folder(out, options.force) as tmp:
+    with atomic_folder(out, options.force, keep=[artifact]) as tmp:
         _copy_artifact(artifact, manifest, tmp)
         builds = [_build_rank(t, tmp, manifest, r, profiles, options, cache, progress) for r in range(manifest.tp)]
         _write_build_log(tmp / BUILD_LOG, t, artifact, out, profiles, builds)
