@@ -2,6 +2,15 @@
 
 Every loader calls ``read_manifest(folder)`` and is refused with the fix ("re-export with ...")
 when the format, version, files or checksums do not match.
+
+Integrity, checked in this order:
+- ``manifest_sha256``: the sha256 of the manifest's own content (canonical JSON: sorted keys, no spaces,
+  without that field). An edited or corrupted manifest.json is refused in one line. Manifests written before
+  this field existed (same format version) are accepted as they are; ``decodekit inspect`` notes it.
+- with ``verify`` (the default of every loader): each listed file's size and sha256 (``verify_file``, the
+  one per-file check), then every external-data location each rank's ONNX file names must be one of the
+  files the manifest lists for that rank, inside the folder (no ``..``, no absolute path, no link leaving
+  it): checked on the file's bytes before any library opens the model.
 """
 
 from __future__ import annotations
@@ -9,16 +18,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactError  # noqa: F401 - re-exported
 from .config import ModelConfig
+from .external_data import WireFormatError, external_data_locations
 
 FORMAT = "decodekit-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+CHECKSUM = "manifest_sha256"
 
 
 @dataclass(frozen=True)
@@ -68,11 +80,12 @@ class Manifest:
     def to_json(self) -> str:
         d = asdict(self)
         d = {"format": d.pop("format"), "format_version": d.pop("format_version"), **d}
-        return json.dumps(d, indent=2)
+        return json.dumps({**d, CHECKSUM: manifest_checksum(d)}, indent=2)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
         d = dict(d)
+        d.pop(CHECKSUM, None)
         d["config"] = ModelConfig.from_dict(d["config"])
         d["ranks"] = [_rank(r) for r in d["ranks"]]
         d["inputs"] = [TensorSpec(**t) for t in d["inputs"]]
@@ -88,6 +101,12 @@ def _rank(r: dict[str, Any]) -> RankEntry:
     return RankEntry(rank=r["rank"], onnx=FileEntry(**r["onnx"]),
                      external_data=[FileEntry(**f) for f in r.get("external_data", [])],
                      engine=FileEntry(**r["engine"]) if r.get("engine") else None)
+
+
+def manifest_checksum(d: dict[str, Any]) -> str:
+    """sha256 of a manifest's content: canonical JSON of every field but the checksum itself."""
+    content = {k: v for k, v in d.items() if k != CHECKSUM}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -126,6 +145,10 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     if d.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format version {d.get('format_version')} but this decodekit reads "
                             f"{FORMAT_VERSION}; re-export with this version of decodekit")
+    if CHECKSUM in d and d[CHECKSUM] != manifest_checksum(d):
+        source = d.get("source") if isinstance(d.get("source"), str) and d.get("source") else "SOURCE"
+        raise ArtifactError(f"{path}: {MANIFEST} was edited or corrupted (its {CHECKSUM} does not match its "
+                            f"content); re-export with `decodekit export {source} -o {folder}`")
     try:
         manifest = Manifest.from_dict(d)
     except (KeyError, TypeError, ValueError) as e:
@@ -141,13 +164,40 @@ def all_files(manifest: Manifest) -> list[FileEntry]:
 
 
 def verify_files(folder: Path, manifest: Manifest) -> None:
+    """Every listed file's size and checksum, then every rank's external-data locations; raises ArtifactError."""
     for entry in all_files(manifest):
-        path = _inside(folder, entry.file)
-        if not path.is_file():
-            raise ArtifactError(f"{folder}: {entry.file} is missing; re-export the artifact")
-        if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
-            raise ArtifactError(f"{folder}: {entry.file} does not match its manifest checksum (modified or "
-                                f"truncated); re-export the artifact")
+        verify_file(folder, entry)
+    for rank in manifest.ranks:
+        bind_external_data(folder, rank)
+
+
+def verify_file(folder: Path, entry: FileEntry) -> None:
+    """The one per-file check: present inside the folder, with the manifest's size and sha256."""
+    path = _inside(folder, entry.file)
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: {entry.file} is missing; re-export the artifact")
+    if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+        raise ArtifactError(f"{folder}: {entry.file} does not match its manifest checksum (modified or "
+                            f"truncated); re-export the artifact")
+
+
+def bind_external_data(folder: Path, rank: RankEntry) -> list[str]:
+    """Refuse a rank file whose external data is not one of the rank's listed files; returns the locations."""
+    onnx_file = rank.onnx.file
+    try:
+        locations = external_data_locations(_inside(folder, onnx_file))
+    except (WireFormatError, OSError) as e:
+        raise ArtifactError(f"{folder}: {onnx_file} is not a readable ONNX file ({e}); re-export the artifact") \
+            from None
+    listed = {posixpath.normpath(f.file) for f in rank.external_data}
+    for location in dict.fromkeys(locations):
+        path = Path(location)
+        if path.is_absolute() or ".." in path.parts or posixpath.normpath(location) not in listed:
+            raise ArtifactError(f"{folder}: {onnx_file} reads external data from {location!r}, which is not a "
+                                f"file of this artifact (listed: {', '.join(sorted(listed)) or 'none'}); refusing "
+                                f"to open it: re-export the artifact")
+        _inside(folder, location)
+    return locations
 
 
 def _inside(folder: Path, name: str) -> Path:

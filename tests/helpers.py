@@ -110,3 +110,18 @@ def greedy_reference(model, prompt_ids: list[int], new_tokens: int, max_seq: int
         nonpad_B = nonpad_B + 1
         ids_BS = torch.tensor([[tok]], dtype=torch.long)
     return out
+
+
+def edit_manifest(folder: str | Path, edit) -> dict:
+    """Rewrite folder/manifest.json through ``edit(dict) -> None`` and re-seal its checksum, as a tool writing a
+    consistent manifest would (a bare edit is refused as a corrupted manifest); returns the new dict."""
+    import json
+
+    from decodekit.export.manifest import CHECKSUM, manifest_checksum
+
+    path = Path(folder) / "manifest.json"
+    d = json.loads(path.read_text())
+    edit(d)
+    d[CHECKSUM] = manifest_checksum(d)
+    path.write_text(json.dumps(d, indent=2))
+    return d

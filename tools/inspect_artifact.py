@@ -11,16 +11,22 @@ Engines (``rank{r}.engine`` of a built artifact, or a bare ``*.engine`` file): t
 TensorRT engine inspector when TensorRT / TensorRT-RTX can load the engine here; otherwise (e.g. a TensorRT-RTX
 engine on a CPU-only machine) from the layer information `decodekit build` recorded in ``build.log``, and the
 report says which source it used and why.
+
+Verification (artifacts): what ``read_manifest``'s checks found (files and checksums, external-data binding,
+the manifest's own checksum) is part of the report (``verification``); when it fails, the command prints the
+report and then exits 1 with the failure as its one stderr line (``failed_verification``).
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..export.manifest import MANIFEST, ArtifactError, Manifest, read_manifest
+from ..export.manifest import (CHECKSUM, MANIFEST, ArtifactError, Manifest, all_files, bind_external_data,
+                               read_manifest, verify_file)
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 FLOAT_TYPES = {1: 4, 10: 2, 16: 2, 11: 8}  # onnx TensorProto float / float16 / bfloat16 / double -> bytes
@@ -64,6 +70,7 @@ class InspectReport:
     kv_cache: dict[str, Any] | None
     engines: list[EngineInfo] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    verification: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,9 +84,7 @@ def _op_name(node: Any) -> str:
 
 def graph_info(path: Path, rank: int = 0) -> GraphInfo:
     """Op histogram, parameters and collectives of one ONNX file (external data is not loaded)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_graph(path)
     g = model.graph
     rotary = {name for n in g.node if n.op_type == "RotaryEmbedding" for name in n.input[1:]}
     params = nbytes = 0
@@ -95,6 +100,18 @@ def graph_info(path: Path, rank: int = 0) -> GraphInfo:
     return GraphInfo(rank, path.name, size, len(g.node), dict(ops.most_common()), params, nbytes,
                      sum(1 for n in g.node if n.op_type in COLLECTIVE_OPS),
                      {(o.domain or "ai.onnx"): o.version for o in model.opset_import})
+
+
+def load_graph(path: Path) -> Any:
+    """The ONNX ModelProto at path without its external data; an unreadable file is an ArtifactError."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                            f"); re-export it or pass an artifact folder, an .onnx file or an .engine file") from None
 
 
 def _io(values: Any) -> list[dict[str, Any]]:
@@ -185,9 +202,7 @@ def inspect_path(path: str | Path, verify: bool = True) -> InspectReport:
     if path.is_dir():
         return _inspect_artifact(path, verify)
     if path.suffix == ".onnx":
-        import onnx
-
-        model = onnx.load(str(path), load_external_data=False)
+        model = load_graph(path)
         return InspectReport(str(path), "onnx", None, _io(model.graph.input), _io(model.graph.output),
                              [graph_info(path)], None)
     if path.suffix in (".engine", ".plan", ".trt"):
@@ -207,19 +222,45 @@ def _maybe_manifest(folder: Path) -> Manifest | None:
         return None
 
 
-def _inspect_artifact(folder: Path, verify: bool) -> InspectReport:
-    import onnx
+def verification(folder: Path, m: Manifest, verify: bool) -> dict[str, Any]:
+    """What the loader's checks find in an artifact folder (never raises for a failed check: reports it)."""
+    raw = json.loads((folder / MANIFEST).read_text())
+    found: dict[str, Any] = {"checked": verify, "passed": None, "error": None, "files": len(all_files(m)),
+                             "bytes": sum(f.bytes for f in all_files(m)), "external_data": [],
+                             "manifest_checksum": "ok" if CHECKSUM in raw else "absent (written by an older "
+                                                                                 "decodekit; not checked)"}
+    if not verify:
+        return found
+    try:
+        for entry in all_files(m):
+            verify_file(folder, entry)
+        found["external_data"] = sorted({loc for r in m.ranks for loc in bind_external_data(folder, r)})
+        found["passed"] = True
+    except ArtifactError as e:
+        found.update(passed=False, error=str(e))
+    return found
 
-    m = read_manifest(folder, verify=verify)
+
+def failed_verification(report: InspectReport) -> str | None:
+    """The one-line failure of a verified artifact's report, or None."""
+    return report.verification.get("error") if report.verification.get("passed") is False else None
+
+
+def _inspect_artifact(folder: Path, verify: bool) -> InspectReport:
+    m = read_manifest(folder, verify=False)  # format, version and the manifest's own checksum
+    checks = verification(folder, m, verify)
+    notes = [] if verify else ["checksums not verified (--no-verify): file contents and external-data locations unchecked"]
+    if checks["passed"] is False:  # do not parse files that failed their checks: report the manifest only
+        return InspectReport(str(folder), "artifact", _manifest_summary(m), [], [], [], kv_cache_bytes(m), [],
+                             notes, checks)
     ranks = [graph_info(m.rank_file(folder, r.rank), r.rank) for r in m.ranks]
-    first = onnx.load(str(m.rank_file(folder)), load_external_data=False)
+    first = load_graph(m.rank_file(folder))
     engines = [engine_info(folder / r.engine.file, r.rank, m) for r in m.ranks if r.engine is not None]
-    notes = [] if verify else ["checksums not verified (--no-verify)"]
     if ranks and m.tp == 1 and ranks[0].parameters != m.config.num_parameters():
         notes.append(f"parameters counted from initializers ({ranks[0].parameters:,}) differ from the config's "
                      f"({m.config.num_parameters():,}): tied / fused / quantized weights or graph constants")
     return InspectReport(str(folder), "artifact", _manifest_summary(m), _io(first.graph.input), _io(first.graph.output),
-                         ranks, kv_cache_bytes(m), engines, notes)
+                         ranks, kv_cache_bytes(m), engines, notes, checks)
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -264,5 +305,17 @@ def format_inspect(r: InspectReport) -> str:
                          + ", ".join(f"{k} {v}" for k, v in e.network_layer_types.items()))
         if e.note:
             lines.append(f"    note: {e.note}")
+    if r.verification:
+        lines.append(f"  verification: {_verification_line(r.verification)}")
     lines += [f"  note: {n}" for n in r.notes]
     return "\n".join(lines)
+
+
+def _verification_line(v: dict[str, Any]) -> str:
+    checksum = f"manifest checksum {v['manifest_checksum']}"
+    if not v["checked"]:
+        return f"skipped (--no-verify); {checksum}"
+    if not v["passed"]:
+        return f"FAILED: {v['error']}"
+    data = ", ".join(v["external_data"]) or "none"
+    return f"passed: {v['files']} files ({_mib(v['bytes'])}) match their sha256; external data: {data}; {checksum}"

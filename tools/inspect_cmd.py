@@ -1,4 +1,6 @@
-"""decodekit inspect PATH [--json]: an artifact folder, an .onnx file or a TensorRT .engine file."""
+"""decodekit inspect PATH [--json]: an artifact folder, an .onnx file or a TensorRT .engine file.
+
+Exit 1 when the artifact fails verification (the report is still printed, with what was found)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,11 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON document")
 def command(path: str, no_verify: bool, as_json: bool) -> None:
     """Manifest, graph I/O, op histogram, parameters, KV-cache memory, collectives and engine layers of PATH."""
-    from .inspect_artifact import format_inspect, inspect_path
+    from ..errors import ArtifactError
+    from .inspect_artifact import failed_verification, format_inspect, inspect_path
 
     report = inspect_path(path, verify=not no_verify)
     click.echo(json.dumps(report.to_dict()) if as_json else format_inspect(report))
+    failure = failed_verification(report)
+    if failure is not None:  # the report above says what was found; exit 1 with the failure as the one error line
+        raise ArtifactError(failure)

@@ -17,6 +17,7 @@ from decodekit.export import artifact as artifact_mod
 from decodekit.export.artifact import ExportOptions, export_artifact
 from decodekit.export.config import ConfigError
 from decodekit.export.manifest import ArtifactError, read_manifest
+from helpers import edit_manifest
 
 L = 2  # preset:tiny layers
 
@@ -110,6 +111,9 @@ def test_external_data_stays_inside_the_folder(tmp_path, monkeypatch):
     d = json.loads((out / "manifest.json").read_text())
     d["ranks"][0]["external_data"][0]["file"] = "../elsewhere.data"
     (out / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ArtifactError, match="manifest.json was edited or corrupted"):
+        read_manifest(out)
+    edit_manifest(out, lambda m: m["ranks"][0]["external_data"][0].update(file="../elsewhere.data"))
     with pytest.raises(ArtifactError, match="outside the artifact folder"):
         read_manifest(out)
 

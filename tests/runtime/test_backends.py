@@ -16,7 +16,7 @@ import pytest
 
 from decodekit.runtime.backend import BackendError, load_backend
 from decodekit.runtime.ort_backend import OrtBackend, OrtOptions
-from helpers import FAMILIES
+from helpers import FAMILIES, edit_manifest
 
 RTOL = 1e-4
 MAX_SEQ = 192
@@ -157,9 +157,7 @@ def test_tp_artifact_is_refused_with_launch_hint(backends, tmp_path):
     ort_b, _ = backends("llama")
     art = tmp_path / "tp2"
     shutil.copytree(ort_b.artifact, art)
-    manifest = json.loads((art / "manifest.json").read_text())
-    manifest["tp"] = 2
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(art, lambda m: m.update(tp=2))
     with pytest.raises(BackendError, match="decodekit launch"):
         load_backend("ort", art, intra_op_threads=1)
     with pytest.raises(BackendError, match="tp=2"):

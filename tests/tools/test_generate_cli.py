@@ -13,6 +13,7 @@ import pytest
 from decodekit.runtime.backend import load_backend
 from decodekit.runtime.generate import generate_ids
 from decodekit.runtime.pipeline import generate_text
+from helpers import edit_manifest
 
 DECODEKIT = Path(sys.executable).with_name("decodekit")
 
@@ -72,9 +73,7 @@ def test_bad_ids_and_prompt_without_tokenizer(tiny, tmp_path):
     assert_user_error(decodekit(str(tiny)), "--prompt", "--ids")
     bare = tmp_path / "bare"
     shutil.copytree(tiny, bare)
-    manifest = json.loads((bare / "manifest.json").read_text())
-    manifest["tokenizer"] = []
-    (bare / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(bare, lambda m: m.update(tokenizer=[]))
     assert_user_error(decodekit(str(bare), "--prompt", "Hello"), "no tokenizer", "--ids")
     proc = decodekit(str(bare), "--ids", "1,2,3", "--max-new-tokens", "3", "--json")
     assert proc.returncode == 0, proc.stderr
