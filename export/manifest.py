@@ -147,7 +147,7 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
                             f"{FORMAT_VERSION}; re-export with this version of decodekit")
     if CHECKSUM in d and d[CHECKSUM] != manifest_checksum(d):
         source = d.get("source") if isinstance(d.get("source"), str) and d.get("source") else "SOURCE"
-        raise ArtifactError(f"{path}: {MANIFEST} was edited or corrupted (its {CHECKSUM} does not match its "
+        raise ArtifactError(f"{folder}: {MANIFEST} was edited or corrupted (its {CHECKSUM} does not match its "
                             f"content); re-export with `decodekit export {source} -o {folder}`")
     try:
         manifest = Manifest.from_dict(d)
