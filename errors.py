@@ -36,6 +36,10 @@ class ArtifactError(DecodekitError, ValueError):
     """An artifact (folder, manifest, ONNX or engine file) that cannot be used as it is."""
 
 
+class WireFormatError(ArtifactError):
+    """Bytes that are not a well-formed protobuf message (a truncated file, or not an ONNX file)."""
+
+
 class BackendError(DecodekitError, RuntimeError):
     """A backend that cannot run here (missing package, device, incompatible artifact)."""
 

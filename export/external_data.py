@@ -16,6 +16,8 @@ from __future__ import annotations
 import mmap
 from pathlib import Path
 
+from ..errors import WireFormatError
+
 # message kind -> {length-delimited field number: kind of the embedded message}
 _MODEL, _GRAPH, _FUNCTION, _NODE, _ATTRIBUTE, _SPARSE, _TENSOR, _ENTRY = range(8)
 SCHEMA: dict[int, dict[int, int]] = {
@@ -27,10 +29,6 @@ SCHEMA: dict[int, dict[int, int]] = {
     _SPARSE: {1: _TENSOR, 2: _TENSOR},  # SparseTensorProto.values, .indices
     _TENSOR: {13: _ENTRY},  # TensorProto.external_data (StringStringEntryProto key=1, value=2)
 }
-
-
-class WireFormatError(ValueError):
-    """The bytes are not a well-formed protobuf message (truncated or not an ONNX file)."""
 
 
 def _varint(buf: mmap.mmap | bytes, pos: int, end: int) -> tuple[int, int]:

@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError  # noqa: F401 - re-exported
+from ..errors import ArtifactError, WireFormatError  # noqa: F401 - ArtifactError re-exported
 from .config import ModelConfig
-from .external_data import WireFormatError, external_data_locations
+from .external_data import external_data_locations
 
 FORMAT = "decodekit-artifact"
 FORMAT_VERSION = 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -21,6 +22,9 @@ import click
 def command(source: str, out: str, tp: int, dtype: str, max_batch: int, max_seq: int, logits: str, seed: int,
             force: bool, as_json: bool) -> None:
     """Export SOURCE (a Hugging Face folder or preset:NAME; preset:tiny is the default model) to ONNX."""
+    from ..export.folders import check_destination
+
+    check_destination(Path(out), force, keep=[source])  # before importing torch: a refused -o answers at once
     from ..export.artifact import ExportOptions, export_artifact
 
     options = ExportOptions(tp=tp, dtype=dtype, max_batch=max_batch, max_seq=max_seq, logits=logits, force=force,
