@@ -76,6 +76,11 @@ def nested_artifact(tmp: Path, tiny: Path) -> None:
     shutil.copytree(tiny, tmp / "outer" / "art")
 
 
+def nested_checkpoint(tmp: Path, tiny: Path) -> None:
+    (tmp / "outer" / "ckpt").mkdir(parents=True)
+    (tmp / "outer" / "ckpt" / "config.json").write_text("{}")
+
+
 def edited_layers(tmp: Path, tiny: Path) -> None:
     import json
 
@@ -145,6 +150,9 @@ CASES: dict[str, Case] = {
                                      setup=a_file),
     "optimize --force over the folder holding the input": Case(
         "optimize outer/art -o outer --dialect ort-gqa --force", "it holds the input", setup=nested_artifact),
+    "export --force over the folder holding the source": Case("export outer/ckpt -o outer --force",
+                                                              "it holds the input outer/ckpt",
+                                                              setup=nested_checkpoint),
     # external data must be a listed file inside the folder, whatever the checksums say
     "optimize: external data in ../": Case("optimize art -o opt --dialect ort-gqa",
                                            "reads external data from '../outside.bin'",
