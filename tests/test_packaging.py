@@ -28,4 +28,4 @@ def test_help_imports_no_heavy_backend():
 def test_bad_option_is_one_line():
     r = subprocess.run([sys.executable, "-m", "decodekit", "generate", "x", "--backend", "onnx"], capture_output=True,
                        text=True)
-    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "onnx" in r.stderr
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "onnx" in r.stderr  # usage error: 2

@@ -88,7 +88,10 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(run(argv))
+    """The console script: returns on success (callers in Python keep going), else exits with the code."""
+    code = run(argv)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -110,8 +110,9 @@ def load_graph(path: Path) -> Any:
     try:
         return onnx.load(str(path), load_external_data=False)
     except (DecodeError, OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                            f"); re-export it or pass an artifact folder, an .onnx file or an .engine file") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ArtifactError(f"{path}: not a readable ONNX file ({why}); re-export it or pass an artifact folder, "
+                            f"an .onnx file or an .engine file") from None
 
 
 def _io(values: Any) -> list[dict[str, Any]]:
@@ -249,7 +250,8 @@ def failed_verification(report: InspectReport) -> str | None:
 def _inspect_artifact(folder: Path, verify: bool) -> InspectReport:
     m = read_manifest(folder, verify=False)  # format, version and the manifest's own checksum
     checks = verification(folder, m, verify)
-    notes = [] if verify else ["checksums not verified (--no-verify): file contents and external-data locations unchecked"]
+    notes = [] if verify else ["checksums not verified (--no-verify): file contents and external-data locations "
+                               "unchecked"]
     if checks["passed"] is False:  # do not parse files that failed their checks: report the manifest only
         return InspectReport(str(folder), "artifact", _manifest_summary(m), [], [], [], kv_cache_bytes(m), [],
                              notes, checks)

@@ -16,7 +16,7 @@ import pytest
 from decodekit.export import artifact as artifact_mod
 from decodekit.export.artifact import ExportOptions, export_artifact
 from decodekit.export.config import ConfigError
-from decodekit.export.manifest import ArtifactError, read_manifest
+from decodekit.export.manifest import ArtifactError, bind_external_data, read_manifest
 from helpers import edit_manifest
 
 L = 2  # preset:tiny layers
@@ -107,6 +107,9 @@ def test_external_data_stays_inside_the_folder(tmp_path, monkeypatch):
     man = export_artifact("preset:tiny", out, ExportOptions(max_seq=32))
     assert man.ranks[0].external_data and (out / man.ranks[0].external_data[0].file).is_file()
     onnx.checker.check_model(str(out / "rank0.onnx"), full_check=True)
+    assert bind_external_data(out, read_manifest(out).ranks[0]) == [man.ranks[0].external_data[0].file] * len(
+        [t for t in onnx.load(str(out / "rank0.onnx"), load_external_data=False).graph.initializer
+         if t.data_location == onnx.TensorProto.EXTERNAL])
     # a manifest that names a file outside the artifact is refused
     d = json.loads((out / "manifest.json").read_text())
     d["ranks"][0]["external_data"][0]["file"] = "../elsewhere.data"

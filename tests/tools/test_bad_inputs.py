@@ -206,7 +206,8 @@ def _wait_for(found: Callable[[], list[Path]], proc: subprocess.Popen, timeout: 
 
 
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted (SIGINT)"),
-                                             (signal.SIGTERM, 143, "terminated (signal 15)")], ids=["SIGINT", "SIGTERM"])
+                                             (signal.SIGTERM, 143, "terminated (signal 15)")],
+                         ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_export_leaves_nothing(tmp_path: Path, sig: int, code: int, said: str) -> None:
     """The export made two parent folders and its partial folder; the signal removes all three."""
     out = tmp_path / "made" / "for it" / "out"

@@ -102,3 +102,19 @@ def test_engine_layers(tiny: Path, tmp_path: Path) -> None:
     bare = inspect_path(tmp_path / "trt" / "rank0.engine")
     assert bare.kind == "engine" and bare.engines[0].layer_types == e.layer_types
     assert "engine layer types" in format_inspect(r)
+
+
+def test_verification_is_reported(tmp_path: Path, tiny: Path) -> None:
+    report = inspect_path(tiny)
+    v = report.verification
+    assert v["passed"] is True and v["external_data"] == [] and v["manifest_checksum"] == "ok"
+    assert v["files"] == 1 + len(report.manifest["tokenizer"])
+    assert "verification: passed" in format_inspect(report)
+    # a manifest written before manifest_sha256 existed is read as it is, and the report says so
+    shutil.copytree(tiny, tmp_path / "old")
+    d = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    del d["manifest_sha256"]
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(d))
+    old = inspect_path(tmp_path / "old")
+    assert old.verification["passed"] is True and old.verification["manifest_checksum"].startswith("absent")
+    assert "manifest checksum absent" in format_inspect(old)
