@@ -90,6 +90,11 @@ def edited_layers(tmp: Path, tiny: Path) -> None:
     (tmp / "art" / "manifest.json").write_text(json.dumps(d, indent=2))
 
 
+def moved_source(tmp: Path, tiny: Path) -> None:
+    shutil.copytree(tiny, tmp / "art")
+    edit_manifest(tmp / "art", lambda d: d.update(source=str(tmp / "moved-checkpoint")))
+
+
 def external_data(location: str, link: bool = False) -> Callable[[Path, Path], None]:
     """An artifact whose rank file stores its largest weight as external data at `location` ("{tmp}" expands),
     with the file and the manifest re-sealed so that the checksums pass: only the binding can refuse it.
@@ -168,6 +173,9 @@ CASES: dict[str, Case] = {
     "inspect an edited manifest": Case("inspect art", "manifest.json was edited or corrupted", setup=edited_layers),
     "generate with an edited manifest": Case("generate art --ids 1,2", "re-export with `decodekit export preset:tiny",
                                              setup=edited_layers),
+    # the torch reference is rebuilt from the manifest's source: the hint names the CLI flag
+    "validate an artifact whose source moved": Case("validate art", "`decodekit validate --reference-source SOURCE`",
+                                                    setup=moved_source),
     # usage errors: click's exit code 2, still one line
     "an unknown option": Case("export preset:tiny -o out --bogus", "No such option", code=2),
     "a bad choice": Case("generate {tiny} --backend onnx --ids 1,2", "Invalid value for '--backend'", code=2),
