@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from ..errors import DecodekitError, Interrupted, UserError, sigterm_raises  # noqa: F401 - UserError re-exported
+from ..errors import DecodekitError, Interrupted, UserError  # noqa: F401 - UserError re-exported
 
 # command name -> module under decodekit.tools defining a click command named `command`
 COMMANDS = {
@@ -57,33 +57,36 @@ def one_line(message: str) -> str:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run one command line; returns the exit code (user errors, usage errors and signals already reported)."""
+    """Run one command line; returns the exit code (user errors, usage errors and signals already reported).
+
+    SIGTERM is turned into ``Interrupted`` only while an artifact folder is being written (export/folders.py),
+    where there is something to clean up; elsewhere it ends the process at once, as it always did (a rank of
+    ``decodekit launch`` blocked in a collective must not wait for the interpreter to stop)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    with sigterm_raises():
-        try:
-            with cli.make_context("decodekit", args) as ctx:
-                cli.invoke(ctx)
-        except click.exceptions.Exit as e:  # --help, --version, ctx.exit(code)
-            return e.exit_code
-        except click.UsageError as e:  # bad option / argument: one line, with the command it concerns
-            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
-            click.echo(f"error: {one_line(e.format_message())}{where}", err=True)
-            return 2
-        except click.ClickException as e:
-            click.echo(f"error: {one_line(e.format_message())}", err=True)
-            return e.exit_code
-        except click.exceptions.Abort:
-            click.echo("aborted", err=True)
-            return 1
-        except KeyboardInterrupt:
-            click.echo("interrupted (SIGINT); partial output removed", err=True)
-            return 130
-        except Interrupted as e:
-            click.echo(f"terminated (signal {e.signum}); partial output removed", err=True)
-            return e.exit_code
-        except DecodekitError as e:
-            click.echo(f"error: {one_line(str(e))}", err=True)
-            return 1
+    try:
+        with cli.make_context("decodekit", args) as ctx:
+            cli.invoke(ctx)
+    except click.exceptions.Exit as e:  # --help, --version, ctx.exit(code)
+        return e.exit_code
+    except click.UsageError as e:  # bad option / argument: one line, with the command it concerns
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        click.echo(f"error: {one_line(e.format_message())}{where}", err=True)
+        return 2
+    except click.ClickException as e:
+        click.echo(f"error: {one_line(e.format_message())}", err=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("interrupted (SIGINT); nothing half-written was kept", err=True)
+        return 130
+    except Interrupted as e:
+        click.echo(f"terminated (signal {e.signum}); nothing half-written was kept", err=True)
+        return e.exit_code
+    except DecodekitError as e:
+        click.echo(f"error: {one_line(str(e))}", err=True)
+        return 1
     return 0
 
 

@@ -228,7 +228,7 @@ def test_signal_mid_export_leaves_nothing(tmp_path: Path, sig: int, code: int, s
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == code, err
     assert [line for line in err.splitlines() if not line.startswith("[export]")] == \
-        [f"{said}; partial output removed"], err
+        [f"{said}; nothing half-written was kept"], err
     assert listing(tmp_path) == {}
 
 
@@ -309,7 +309,7 @@ def test_cli_sigterm_exit_code_and_bugs_keep_tracebacks(monkeypatch, capsys) -> 
     monkeypatch.setattr(cli.LazyGroup, "list_commands", lambda self, ctx: ["boom"])
     monkeypatch.setattr(cli.LazyGroup, "get_command", lambda self, ctx, name: _raising(Interrupted(signal.SIGTERM)))
     assert cli.run(["boom"]) == 143
-    assert capsys.readouterr().err == "terminated (signal 15); partial output removed\n"
+    assert capsys.readouterr().err == "terminated (signal 15); nothing half-written was kept\n"
     monkeypatch.setattr(cli.LazyGroup, "get_command", lambda self, ctx, name: _raising(RuntimeError("bug")))
     with pytest.raises(RuntimeError, match="bug"):  # not a user error: a bug keeps its traceback
         cli.run(["boom"])
