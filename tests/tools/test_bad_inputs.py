@@ -201,6 +201,18 @@ def test_bad_input(name: str, tiny: Path, tmp_path: Path) -> None:
     assert listing(tmp_path) == before and listing(tiny) == shared
 
 
+def test_inspect_prints_what_verification_found_then_fails(tiny: Path, tmp_path: Path) -> None:
+    import json
+
+    external_data("../outside.bin")(tmp_path, tiny)
+    p = decodekit("inspect", "art", "--json", cwd=tmp_path)
+    assert p.returncode == 1 and len(p.stderr.splitlines()) == 1, p.stderr
+    v = json.loads(p.stdout)["verification"]
+    assert v["checked"] and v["passed"] is False and "'../outside.bin'" in v["error"] and v["error"] in p.stderr
+    p = decodekit("inspect", "art", "--no-verify", cwd=tmp_path)  # skipped on request: the report, exit 0
+    assert p.returncode == 0 and "verification: skipped (--no-verify)" in p.stdout, p.stderr
+
+
 # ------------------------------------------------------------------------------------------------ signals
 
 def _wait_for(found: Callable[[], list[Path]], proc: subprocess.Popen, timeout: float = 120) -> list[Path]:
