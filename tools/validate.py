@@ -29,7 +29,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import ValidationError  # noqa: F401 - re-exported
-from ..export.config import ConfigError
 
 Progress = Callable[[str], None]
 DTYPE_ORDER = ("fp32", "fp16", "bf16")  # tighter -> looser
