@@ -68,6 +68,9 @@ def run(argv: list[str] | None = None) -> int:
             cli.invoke(ctx)
     except click.exceptions.Exit as e:  # --help, --version, ctx.exit(code)
         return e.exit_code
+    except click.exceptions.NoArgsIsHelpError as e:  # a bare `decodekit` / group: the help, as click shows it
+        e.show()
+        return e.exit_code
     except click.UsageError as e:  # bad option / argument: one line, with the command it concerns
         where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
         click.echo(f"error: {one_line(e.format_message())}{where}", err=True)

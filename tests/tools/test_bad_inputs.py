@@ -325,3 +325,8 @@ def test_cli_sigterm_exit_code_and_bugs_keep_tracebacks(monkeypatch, capsys) -> 
     monkeypatch.setattr(cli.LazyGroup, "get_command", lambda self, ctx, name: _raising(RuntimeError("bug")))
     with pytest.raises(RuntimeError, match="bug"):  # not a user error: a bug keeps its traceback
         cli.run(["boom"])
+
+
+def test_bare_command_shows_help_with_usage_exit_code(tmp_path: Path) -> None:
+    p = decodekit(cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.startswith("Usage: decodekit") and "Commands:" in p.stderr, p.stderr
