@@ -83,14 +83,16 @@ def _device(name: str) -> torch.device:
 def _rebuild(artifact: Path, m: Manifest, options: TorchOptions):
     source = options.torch_source or m.source
     if not source:
-        raise BackendError(f"{artifact}: the manifest records no source model; pass torch_source=")
+        raise BackendError(f"{artifact}: the manifest records no source model; pass the source with "
+                           f"--reference-source (Python: torch_source=)")
     seed = options.seed if options.seed is not None else int(getattr(m, "seed", 0) or 0)
     try:
         model = load_source(source, m.dtype, rope_positions=m.max_seq, seed=seed)
     except (ConfigError, CheckpointError, OSError) as e:
         raise BackendError(f"the torch backend rebuilds the model from {source!r} and could not: {e}; "
-                           f"pass torch_source= (a Hugging Face folder or preset:NAME)") from None
+                           f"pass the artifact's source (a Hugging Face folder or preset:NAME) with --reference-source "
+                           f"(Python: torch_source=)") from None
     if model.config != m.config:
         raise BackendError(f"{source!r} is not the model of {artifact} (its config differs from the manifest's); "
-                           f"pass the artifact's source as torch_source=")
+                           f"pass the artifact's source with --reference-source (Python: torch_source=)")
     return model.eval()
