@@ -37,8 +37,15 @@ class SourceKind:
 def _load_hf_folder(path: Path) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # validate's stderr carries its own progress and the one-line verdict
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 SOURCE_KINDS: dict[str, SourceKind] = {
