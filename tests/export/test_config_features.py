@@ -104,3 +104,18 @@ def test_biases_and_gelu_quantize(hf_checkpoint, exported, one_thread, tmp_path)
     top1 = float((ref.argmax(-1) == q.argmax(-1)).mean())
     print(f"\nint8 biased gelu llama prefill: cosine >= {cos.min():.5f}, top-1 agreement {top1:.3f}")
     assert cos.min() > 0.999 and top1 >= 0.9
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_biases_and_gelu_build_with_tensorrt_rtx(hf_checkpoint, exported, tmp_path, tp):
+    """The fp16 graph builds with TensorRT-RTX on the CPU: Gelu becomes an ACTIVATION layer, biases elementwise."""
+    pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX (pip install tensorrt-rtx) to build engines")
+    from decodekit.export.manifest import read_manifest
+    from decodekit.graphs.trt.build import BuildOptions, build_engines
+
+    src = hf_checkpoint("llama", **BIASED_GELU)
+    build_engines(exported(str(src), tp=tp, dtype="fp16", max_seq=MAX_SEQ, max_batch=2), tmp_path / "e",
+                  BuildOptions(opt_seq=16))
+    types = read_manifest(tmp_path / "e").engines["layer_types"]
+    assert types["ACTIVATION"] == 2 and types["KV_CACHE_UPDATE"] == 4
+    assert types.get("DIST_COLLECTIVE", 0) == (4 if tp == 2 else 0)
