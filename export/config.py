@@ -34,7 +34,7 @@ class RopeScaling:
 
 
 ROPE_KINDS = tuple(cf.ROPE_TYPES)
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # what the FFN gate computes (export/ops.activation)
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # what the FFN gate computes (the keys of export/ops.ACTIVATIONS)
 
 
 @dataclass(frozen=True)

@@ -213,7 +213,10 @@ def read_heads(hf: Mapping[str, Any]) -> Read:
 
 def read_special_tokens(hf: Mapping[str, Any]) -> Read:
     eos = hf.get("eos_token_id")
-    eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    try:
+        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    except (TypeError, ValueError):
+        return {}, f"config.json field eos_token_id={describe(eos)} is not a token id or a list of them"
     bos = hf.get("bos_token_id")
     return {"bos_token_id": bos if isinstance(bos, int) else None, "eos_token_ids": eos_ids}, None
 

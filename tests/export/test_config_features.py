@@ -113,9 +113,20 @@ def test_biases_and_gelu_build_with_tensorrt_rtx(hf_checkpoint, exported, tmp_pa
     from decodekit.export.manifest import read_manifest
     from decodekit.graphs.trt.build import BuildOptions, build_engines
 
+    import onnx
+
+    from decodekit.graphs.trt import api
+    from decodekit.graphs.trt.build import read_layer_information
+
     src = hf_checkpoint("llama", **BIASED_GELU)
     build_engines(exported(str(src), tp=tp, dtype="fp16", max_seq=MAX_SEQ, max_batch=2), tmp_path / "e",
                   BuildOptions(opt_seq=16))
-    types = read_manifest(tmp_path / "e").engines["layer_types"]
-    assert types["ACTIVATION"] == 2 and types["KV_CACHE_UPDATE"] == 4
-    assert types.get("DIST_COLLECTIVE", 0) == (4 if tp == 2 else 0)
+    m = read_manifest(tmp_path / "e")
+    types = m.engines["layer_types"]
+    assert types["KV_CACHE_UPDATE"] == 4 and types.get("DIST_COLLECTIVE", 0) == (4 if tp == 2 else 0)
+    layers = read_layer_information(tmp_path / "e")
+    for rank in range(tp):
+        graph = onnx.load(str(m.rank_file(tmp_path / "e", rank)), load_external_data=False).graph
+        gelu = {n.name for n in graph.node if n.op_type == "Gelu"}
+        in_engine = {n for x in layers[rank] for n in api.onnx_nodes(x)}
+        assert len(gelu) == 2 and gelu <= in_engine, gelu - in_engine

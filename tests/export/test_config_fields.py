@@ -31,6 +31,13 @@ def test_every_transformers_config_field_is_declared(family):
     assert account(config_json(family)).unknown == ()
 
 
+def test_activation_tables_agree():
+    from decodekit.export import ops
+    from decodekit.export.config import ACTIVATIONS
+
+    assert set(ACTIVATIONS) == set(ops.ACTIVATIONS) and set(HIDDEN_ACT.values()) <= set(ACTIVATIONS)
+
+
 @pytest.mark.parametrize("name", sorted(HIDDEN_ACT))
 def test_hidden_act_names_are_transformers_activations(name):
     from transformers.activations import ACT2FN
@@ -64,6 +71,7 @@ REFUSED = [
     ("qwen3", {"use_sliding_window": True, "sliding_window": 64, "layer_types": ["full_attention"]},
      ["layer_types=['full_attention']", "2 entries"]),
     ("llama", {"hidden_size": "wide"}, ["hidden_size='wide'"]),
+    ("llama", {"eos_token_id": ["end"]}, ["eos_token_id=['end']"]),
 ]
 
 
