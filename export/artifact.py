@@ -57,7 +57,8 @@ def export_artifact(source: str, out: str | Path, options: ExportOptions = Expor
     fields = source_accounting(source)
     if fields is not None and (fields.ignored or fields.unknown):
         progress(f"config.json fields ignored (no effect on inference math): {', '.join(fields.ignored) or 'none'}; "
-                 f"unknown to decodekit and to transformers' {config.family} config: {', '.join(fields.unknown) or 'none'}")
+                 f"unknown to decodekit and to transformers' {config.family} config: "
+                 f"{', '.join(fields.unknown) or 'none'}")
     with atomic_folder(out, options.force) as tmp:
         progress(f"loading {source} ({options.dtype}, {config.num_parameters() / 1e6:.1f}M parameters)")
         model = load_source(source, options.dtype, rope_positions=options.max_seq, seed=options.seed)

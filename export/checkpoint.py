@@ -32,7 +32,8 @@ def hf_name_map(config: ModelConfig) -> dict[str, str]:
     attn = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"]
     attn += ["q_proj.bias", "k_proj.bias", "v_proj.bias"] if config.attention_bias else []
     attn += ["q_norm.weight", "k_norm.weight"] if config.qk_norm else []
-    mlp = [f"{n}.{p}" for n in ("gate_proj", "up_proj") for p in (("weight", "bias") if config.mlp_bias else ("weight",))]
+    kinds = ("weight", "bias") if config.mlp_bias else ("weight",)
+    mlp = [f"{n}.{k}" for n in ("gate_proj", "up_proj") for k in kinds]
     for i in range(L):
         hf, me = f"model.layers.{i}", f"layers.{i}"
         names.update({f"{hf}.self_attn.{n}": f"{me}.attn.{n}" for n in attn})

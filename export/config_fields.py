@@ -118,7 +118,8 @@ class Refused:
         value = hf.get(self.key)
         if value is None or _hashable(value) and value in self.supported:
             return None
-        allowed = f"supported: {', '.join(map(repr, self.supported))} or absent" if self.supported else "supported: absent"
+        allowed = f"supported: {', '.join(map(repr, self.supported))} or absent" if self.supported \
+            else "supported: absent"
         return f"config.json field {self.key}={describe(value)} is not supported ({self.what}); {allowed}"
 
 

@@ -70,7 +70,8 @@ def load_reference_model(source: str) -> Any:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise BackendError("--reference transformers needs the transformers package: pip install transformers") from None
+        raise BackendError("--reference transformers needs the transformers package: "
+                           "pip install transformers") from None
     return kind.load(path)
 
 

@@ -69,9 +69,10 @@ def command(artifact: str, backends: str, steps: int, prompts: tuple[str, ...], 
     """Run the same prompts through several backends and compare logits step by step (exit 1 on a mismatch).
 
     All backends are fed the reference's greedy tokens (teacher forcing). --reference transformers makes
-    transformers' own model on the artifact's Hugging Face source the reference (needs transformers). Tolerances: fp32 max |logit error|
-    <= 1e-4 x max(1, logit scale) and identical greedy tokens; fp16 top-1 >= 0.99 and cosine >= 0.999;
-    bf16 top-1 >= 0.98 and cosine >= 0.995. A failing ONNX backend is bisected to the first diverging layer.
+    transformers' own model on the artifact's Hugging Face source the reference (needs transformers).
+    Tolerances: fp32 max |logit error| <= 1e-4 x max(1, logit scale) and identical greedy tokens; fp16 top-1
+    >= 0.99 and cosine >= 0.999; bf16 top-1 >= 0.98 and cosine >= 0.995. A failing ONNX backend is bisected
+    to the first diverging layer.
     """
     from .validate import validate
 
