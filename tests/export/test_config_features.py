@@ -75,6 +75,10 @@ def test_biases_and_gelu_survive_each_dialect(hf_checkpoint, exported, one_threa
     if fused:  # q/k/v and gate/up of each of the 2 layers fused together with their biases
         assert fused["biases"] == fused["groups"] == 4, fused
     assert ort_greedy(tmp_path / dialect, PROMPT, NEW) == transformers_greedy(src, PROMPT, NEW)
+    from decodekit.tools.validate import validate
+
+    report = validate(tmp_path / dialect, ["ort"], steps=4, reference="transformers")  # the source is kept
+    assert report.passed and manifest.config_fields["ignored"], report.to_dict()
 
 
 def test_biases_and_gelu_quantize(hf_checkpoint, exported, one_thread, tmp_path):
