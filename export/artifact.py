@@ -14,7 +14,7 @@ from typing import Callable
 
 import onnx
 
-from .checkpoint import DTYPES, load_source, source_config
+from .checkpoint import DTYPES, load_source, source_accounting, source_config
 from .config import ConfigError
 from .folders import EXTERNAL_DATA_THRESHOLD, ONNX_DTYPES, atomic_folder
 from .manifest import Manifest, RankEntry, TensorSpec, file_entry, write_manifest
@@ -53,9 +53,12 @@ def export_artifact(source: str, out: str | Path, options: ExportOptions = Expor
     started = time.perf_counter()
     config = source_config(source)
     check_tp(config, options.tp)
-    if options.max_seq > config.max_position_embeddings:
-        raise ConfigError(f"--max-seq {options.max_seq} exceeds the model's max_position_embeddings "
-                          f"{config.max_position_embeddings}")
+    config.check_max_seq(options.max_seq)
+    fields = source_accounting(source)
+    if fields is not None and (fields.ignored or fields.unknown):
+        progress(f"config.json fields ignored (no effect on inference math): {', '.join(fields.ignored) or 'none'}; "
+                 f"unknown to decodekit and to transformers' {config.family} config: "
+                 f"{', '.join(fields.unknown) or 'none'}")
     with atomic_folder(out, options.force, keep=[source]) as tmp:
         progress(f"loading {source} ({options.dtype}, {config.num_parameters() / 1e6:.1f}M parameters)")
         model = load_source(source, options.dtype, rope_positions=options.max_seq, seed=options.seed)
@@ -68,7 +71,8 @@ def export_artifact(source: str, out: str | Path, options: ExportOptions = Expor
             inputs=_specs(first.graph.input), outputs=_specs(first.graph.output),
             kv_layout=kv_layout(model, options), source=source,
             seed=options.seed if source.startswith("preset:") else None,
-            tokenizer=[file_entry(tmp, n) for n in tokenizer])
+            tokenizer=[file_entry(tmp, n) for n in tokenizer],
+            config_fields=fields.to_dict() if fields is not None else {})
         write_manifest(tmp, manifest)
     progress(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return manifest

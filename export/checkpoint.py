@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ModelConfig, load_hf_config, preset
+from .config import Accounting, ConfigError, ModelConfig, account, load_hf_config, preset, read_hf_config
 from .model import Decoder
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -32,10 +32,17 @@ def hf_name_map(config: ModelConfig) -> dict[str, str]:
     attn = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"]
     attn += ["q_proj.bias", "k_proj.bias", "v_proj.bias"] if config.attention_bias else []
     attn += ["q_norm.weight", "k_norm.weight"] if config.qk_norm else []
+    kinds = ("weight", "bias") if config.mlp_bias else ("weight",)
+    mlp = [f"{n}.{k}" for n in ("gate_proj", "up_proj") for k in kinds]
     for i in range(L):
         hf, me = f"model.layers.{i}", f"layers.{i}"
         names.update({f"{hf}.self_attn.{n}": f"{me}.attn.{n}" for n in attn})
-        names.update({f"{hf}.mlp.{n}.weight": f"{me}.ffn.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")})
+        names.update({f"{hf}.mlp.{n}": f"{me}.ffn.{n}" for n in mlp + ["down_proj.weight"]})
+        # row-parallel biases are added after the all-reduce, by the norm step that follows
+        if config.o_bias:
+            names[f"{hf}.self_attn.o_proj.bias"] = f"{me}.attn_norm.reduce_bias"
+        if config.mlp_bias:
+            names[f"{hf}.mlp.down_proj.bias"] = f"{me}.ffn_norm.reduce_bias"
         names[f"{hf}.post_attention_layernorm.weight"] = f"{me}.attn_norm.weight"
         if i + 1 < L:
             names[f"model.layers.{i + 1}.input_layernorm.weight"] = f"{me}.ffn_norm.weight"
@@ -124,6 +131,13 @@ def source_config(source: str) -> ModelConfig:
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder; pass a Hugging Face model folder or preset:NAME")
     return load_hf_config(folder)
+
+
+def source_accounting(source: str) -> Accounting | None:
+    """How SOURCE's config.json was accounted for (None for preset:NAME, which has no config.json)."""
+    if source.startswith("preset:"):
+        return None
+    return account(read_hf_config(Path(source)))
 
 
 def load_source(source: str, dtype: str = "fp32", rope_positions: int | None = None, seed: int = 0) -> Decoder:

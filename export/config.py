@@ -9,7 +9,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+from . import config_fields as cf
 
 
 from ..errors import ConfigError  # noqa: F401 - re-exported (the home of every user error is errors.py)
@@ -30,15 +32,21 @@ class RopeScaling:
             raise ConfigError(f"unsupported RoPE scaling {self.kind!r}; supported: {', '.join(ROPE_KINDS)}")
 
 
-ROPE_KINDS = ("default", "linear", "llama3")
+ROPE_KINDS = tuple(cf.ROPE_TYPES)
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # what the FFN gate computes (the keys of export/ops.ACTIVATIONS)
 
 
 @dataclass(frozen=True)
 class Family:
-    """What distinguishes one Hugging Face decoder family from another."""
+    """What distinguishes one Hugging Face decoder family from another.
+
+    fields: every config.json field the family understands (``config_fields``); attention_bias / qk_norm:
+    what the family's architecture always has, whatever its config.json says.
+    """
 
     name: str
     hf_architectures: tuple[str, ...]
+    fields: tuple[cf.Rule, ...]
     attention_bias: bool = False
     qk_norm: bool = False
 
@@ -46,10 +54,10 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("llama", ("LlamaForCausalLM",)),
-        Family("mistral", ("MistralForCausalLM",)),
-        Family("qwen2", ("Qwen2ForCausalLM",), attention_bias=True),
-        Family("qwen3", ("Qwen3ForCausalLM",), qk_norm=True),
+        Family("llama", ("LlamaForCausalLM",), cf.LLAMA),
+        Family("mistral", ("MistralForCausalLM",), cf.MISTRAL),
+        Family("qwen2", ("Qwen2ForCausalLM",), cf.QWEN2, attention_bias=True),
+        Family("qwen3", ("Qwen3ForCausalLM",), cf.QWEN3, qk_norm=True),
     )
 }
 
@@ -71,10 +79,14 @@ class ModelConfig:
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v projections
     qk_norm: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    o_bias: bool = False  # o_proj bias (added once after the attention all-reduce)
+    mlp_bias: bool = False  # gate/up/down biases (down's added once after the FFN all-reduce)
+    hidden_act: str = "silu"  # one of ACTIVATIONS: act(gate) * up
+    sliding_window: int | None = None  # keys j with i - j < W; exported exactly only when max_seq <= W
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -83,6 +95,18 @@ class ModelConfig:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embedding, got {self.head_dim}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+
+    def check_max_seq(self, max_seq: int) -> None:
+        """Refuse a cache length this config's attention would not compute exactly."""
+        if self.sliding_window is not None and max_seq > self.sliding_window:
+            raise ConfigError(f"sliding_window={self.sliding_window} is smaller than --max-seq {max_seq}: decodekit "
+                              f"computes full attention, which equals sliding-window attention only while every "
+                              f"sequence fits the window; re-export with --max-seq {self.sliding_window} or less")
+        if max_seq > self.max_position_embeddings:
+            raise ConfigError(f"--max-seq {max_seq} exceeds the model's max_position_embeddings "
+                              f"{self.max_position_embeddings}")
 
     @property
     def q_size(self) -> int:
@@ -96,8 +120,9 @@ class ModelConfig:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         attn += (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
+        attn += h if self.o_bias else 0
         attn += 2 * self.head_dim if self.qk_norm else 0
-        layer = attn + 3 * h * i + 2 * h
+        layer = attn + 3 * h * i + 2 * h + ((2 * i + h) if self.mlp_bias else 0)
         return v * h * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + h
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,22 +178,7 @@ def preset(name: str) -> ModelConfig:
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
 
 
-def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
-    # transformers >= 5 writes rope_parameters; older versions rope_theta + rope_scaling.
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default")) or "default"
-    if kind == "default":
-        return theta, RopeScaling()
-    if kind == "linear":
-        return theta, RopeScaling("linear", float(params["factor"]))
-    if kind == "llama3":
-        return theta, RopeScaling("llama3", float(params["factor"]), float(params["low_freq_factor"]),
-                                  float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
-    raise ConfigError(f"unsupported RoPE scaling {kind!r} in config.json; supported: {', '.join(ROPE_KINDS)}")
-
-
-def family_of(hf: dict[str, Any]) -> Family:
+def family_of(hf: Mapping[str, Any]) -> Family:
     archs = tuple(hf.get("architectures") or ())
     for fam in FAMILIES.values():
         if hf.get("model_type") == fam.name or set(archs) & set(fam.hf_architectures):
@@ -177,38 +187,51 @@ def family_of(hf: dict[str, Any]) -> Family:
     raise ConfigError(f"unsupported architecture {archs or hf.get('model_type')!r}; decodekit supports {supported}")
 
 
-def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
-    """Map a Hugging Face config.json dict to a ModelConfig."""
+@dataclass(frozen=True)
+class Accounting:
+    """A config.json accounted for: the ModelConfig it maps to, and the fields that did not map."""
+
+    config: ModelConfig
+    ignored: tuple[str, ...]  # declared by the family as not changing inference math
+    unknown: tuple[str, ...]  # declared by no rule: transformers' config class does not define them either
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"ignored": list(self.ignored), "unknown": list(self.unknown)}
+
+
+def account(hf: Mapping[str, Any]) -> Accounting:
+    """Walk config.json with the family's field rules; the first unsupported value is refused in one line."""
     fam = family_of(hf)
-    if hf.get("use_sliding_window"):
-        raise ConfigError("sliding-window attention (use_sliding_window=true) is not supported; export a full-attention checkpoint")
-    theta, scaling = _rope_from_hf(hf)
-    heads = int(hf["num_attention_heads"])
-    eos = hf.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    return ModelConfig(
-        family=fam.name,
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]),
-        num_layers=int(hf["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", fam.attention_bias)),
-        qk_norm=fam.qk_norm,
-        bos_token_id=hf.get("bos_token_id") if isinstance(hf.get("bos_token_id"), int) else None,
-        eos_token_ids=eos_ids,
-    )
+    kw: dict[str, Any] = {"family": fam.name, "attention_bias": fam.attention_bias, "qk_norm": fam.qk_norm}
+    ignored: list[str] = []
+    for rule in fam.fields:
+        problem = rule.problem(hf)
+        if problem:
+            raise ConfigError(f"{problem} (decodekit's {fam.name} family)")
+        kw.update(rule.read(hf))
+        if isinstance(rule, cf.Ignored):
+            ignored += [k for k in rule.keys if k in hf]
+    declared = {k for rule in fam.fields for k in rule.keys}
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers"):
+        if key not in kw:
+            raise ConfigError(f"config.json lacks the field {'num_hidden_layers' if key == 'num_layers' else key}")
+    return Accounting(ModelConfig.from_dict(kw), tuple(sorted(ignored)), tuple(sorted(set(hf) - declared)))
 
 
-def load_hf_config(folder: Path) -> ModelConfig:
+def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
+    """Map a Hugging Face config.json dict to a ModelConfig (see ``account``)."""
+    return account(hf).config
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{folder}: no config.json; pass a Hugging Face model folder or preset:NAME")
-    return from_hf_config(json.loads(path.read_text()))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: unreadable JSON ({e.msg}); pass a Hugging Face model folder") from None
+
+
+def load_hf_config(folder: Path) -> ModelConfig:
+    return account(read_hf_config(folder)).config

@@ -74,6 +74,7 @@ class Manifest:
     tokenizer: list[FileEntry] = field(default_factory=list)
     passes: list[dict[str, Any]] = field(default_factory=list)
     engines: dict[str, Any] = field(default_factory=dict)
+    config_fields: dict[str, list[str]] = field(default_factory=dict)  # config.json fields ignored / unknown
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 

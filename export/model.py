@@ -32,16 +32,24 @@ class RMSNorm(nn.Module):
 
 
 class AllReduceResidualNorm(nn.Module):
-    """all_reduce(partial) + residual, then RMSNorm: returns (normed, new_residual)."""
+    """all_reduce(partial) [+ bias] + residual, then RMSNorm: returns (normed, new_residual).
 
-    def __init__(self, dim: int, eps: float) -> None:
+    ``reduce_bias`` is the bias of the row-parallel projection before it (o_proj / down_proj, when the config
+    has one): added once after the all-reduce, so tensor-parallel ranks never add it N times.
+    """
+
+    def __init__(self, dim: int, eps: float, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
+        self.reduce_bias = nn.Parameter(torch.zeros(dim)) if bias else None
         self.eps = eps
         self.group: ops.ReduceGroup | None = None
 
     def forward(self, partial_BSH: torch.Tensor, residual_BSH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        residual_BSH = ops.all_reduce(partial_BSH, self.group) + residual_BSH
+        reduced_BSH = ops.all_reduce(partial_BSH, self.group)
+        if self.reduce_bias is not None:
+            reduced_BSH = reduced_BSH + self.reduce_bias
+        residual_BSH = reduced_BSH + residual_BSH
         return ops.rms_norm(residual_BSH, self.weight, self.eps), residual_BSH
 
 
@@ -52,7 +60,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(c.hidden_size, c.q_size, bias=c.attention_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.kv_size, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.kv_size, bias=c.attention_bias)
-        self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=False)
+        self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=False)  # its bias (c.o_bias) is in attn_norm
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
         self.scale = c.head_dim ** -0.5
@@ -77,24 +85,26 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """down(act(gate(x)) * up(x)); down_proj's bias (c.mlp_bias) lives in the following ffn_norm."""
+
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.act = ops.ACTIVATIONS[c.hidden_act]
 
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x_BSH)
-        return self.down_proj(gate * torch.sigmoid(gate) * self.up_proj(x_BSH))
+        return self.down_proj(self.act(self.gate_proj(x_BSH)) * self.up_proj(x_BSH))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.attn = Attention(c)
-        self.attn_norm = AllReduceResidualNorm(c.hidden_size, c.rms_norm_eps)
+        self.attn_norm = AllReduceResidualNorm(c.hidden_size, c.rms_norm_eps, bias=c.o_bias)
         self.ffn = FeedForward(c)
-        self.ffn_norm = AllReduceResidualNorm(c.hidden_size, c.rms_norm_eps)
+        self.ffn_norm = AllReduceResidualNorm(c.hidden_size, c.rms_norm_eps, bias=c.mlp_bias)
 
     def forward(self, normed, residual, rope, write_B, nonpad_B, mask_B1ST, k_cache, v_cache):
         partial, k_present, v_present = self.attn(normed, rope, write_B, nonpad_B, mask_B1ST, k_cache, v_cache)

@@ -67,6 +67,14 @@ def attention(q_BHSD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor, 
                                           scale=scale, enable_gqa=True)
 
 
+# ModelConfig.hidden_act -> the gate activation; under export F.gelu traces to one ONNX Gelu (opset 20) node.
+ACTIVATIONS = {
+    "silu": lambda x: x * torch.sigmoid(x),  # traced as Sigmoid + Mul (the SwiGLU form the passes expect)
+    "gelu": F.gelu,  # erf form: transformers' "gelu"
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # transformers' "gelu_new", "gelu_pytorch_tanh", ...
+}
+
+
 def all_reduce(x: torch.Tensor, group: "ReduceGroup | None") -> torch.Tensor:
     """Sum over tensor-parallel ranks; the identity at world size 1."""
     if group is None or group.world_size == 1:

@@ -4,6 +4,8 @@ Rank r of N keeps: q/k/v and gate/up column slices (by head / by FFN row), o_pro
 slices. Each row-parallel output then needs one all-reduce, which the model's AllReduceResidualNorm
 steps perform through the ReduceGroup installed here. Embedding, norms and LM head are replicated.
 KV heads are replicated when num_kv_heads < N (N must be a multiple of num_kv_heads).
+Column-parallel biases (q/k/v, gate/up) are sliced with their rows; the row-parallel biases (o_proj,
+down_proj) live in the AllReduceResidualNorm after the projection, replicated, and are added once after the sum.
 """
 
 from __future__ import annotations

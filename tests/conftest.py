@@ -18,19 +18,20 @@ from helpers import FAMILIES, build_hf_checkpoint  # noqa: E402
 
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """Factory: ``hf_checkpoint("llama") -> Path`` of a seeded random transformers checkpoint folder.
+    """Factory: ``hf_checkpoint("llama", **config_overrides) -> Path`` of a seeded random transformers checkpoint.
 
-    One folder per family per session, shared by every test: treat it as read-only (copy it to
+    One folder per family and overrides per session, shared by every test: treat it as read-only (copy it to
     tmp_path before modifying anything).
     """
     cache: dict[str, Path] = {}
 
-    def make(family: str) -> Path:
+    def make(family: str, **overrides) -> Path:
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-        if family not in cache:
-            cache[family] = build_hf_checkpoint(family, tmp_path_factory.mktemp(f"hf-{family}"))
-        return cache[family]
+        key = repr((family, sorted(overrides.items())))
+        if key not in cache:
+            cache[key] = build_hf_checkpoint(family, tmp_path_factory.mktemp(f"hf-{family}"), **overrides)
+        return cache[key]
 
     return make
 

@@ -2,6 +2,10 @@
 
     validate(artifact, ["torch", "ort"], steps=8) -> ValidationReport
 
+With ``reference="transformers"`` the reference is transformers' own model on the artifact's source
+(``tools.hf_reference``: an oracle nobody here wrote, so a config field decodekit maps wrongly fails) and
+every listed backend is a candidate.
+
 Every backend runs a prefill and then ``steps`` decode steps with its own KV cache carried, all of them fed
 the SAME tokens: the reference's (first backend's) greedy tokens (teacher forcing), so the logits stay
 comparable after a first disagreement. Per step and backend: max |logit error|, that error relative to the
@@ -214,9 +218,22 @@ class _Runner:
         return self.spec.label
 
 
+def _open_transformers(artifact: Path, reference_source: str | None) -> Any:
+    from ..export.manifest import read_manifest
+    from .hf_reference import TransformersReference
+
+    return TransformersReference(artifact, read_manifest(artifact, verify=False), reference_source)
+
+
+# --reference NAME -> opener(artifact, reference_source): a reference model that is not one of the artifact's backends
+REFERENCES: dict[str, Callable[[Path, str | None], Any]] = {"transformers": _open_transformers}
+
+
 def _open(spec: BackendSpec, artifact: Path, device: str, reference_source: str | None) -> Any:
     from ..runtime.pipeline import open_backend
 
+    if spec.name in REFERENCES and spec.artifact is None:
+        return REFERENCES[spec.name](artifact, reference_source)
     options = dict(spec.options)
     if spec.name in ("torch", "ort"):
         options.setdefault("device", device)
@@ -343,13 +360,21 @@ def validate(artifact: str | Path, backends: Sequence[str | BackendSpec] = ("tor
              prompts: Sequence[Sequence[int]] | None = None, steps: int = 8, *, texts: Sequence[str] = (),
              device: str = "cpu", reference_source: str | None = None, tolerance: Tolerance | None = None,
              bisect: bool = True, save_results: str | Path | None = None, seed: int = 0,
-             progress: Progress = lambda msg: None) -> ValidationReport:
-    """Compare ``backends[1:]`` against ``backends[0]`` on ``artifact`` (see the module docstring)."""
+             reference: str = "decodekit", progress: Progress = lambda msg: None) -> ValidationReport:
+    """Compare ``backends[1:]`` against ``backends[0]`` on ``artifact`` (see the module docstring).
+
+    reference: "decodekit" (the first backend is the reference) or one of ``REFERENCES`` ("transformers":
+    transformers' own model on the artifact's source is the reference and every backend is compared with it).
+    """
     from ..export.manifest import read_manifest
 
     started = time.perf_counter()
     artifact = Path(artifact)
     specs = [b if isinstance(b, BackendSpec) else BackendSpec.parse(b) for b in backends]
+    if reference != "decodekit" and reference not in REFERENCES:
+        raise ValidationError(f"unknown reference {reference!r}; choose decodekit or {', '.join(REFERENCES)}")
+    if reference != "decodekit":
+        specs = [BackendSpec(reference), *specs]
     if len(specs) < 2:
         raise ValidationError("validate needs at least two backends, the reference first (e.g. --backends torch,ort)")
     if len({s.label for s in specs}) != len(specs):
@@ -398,15 +423,17 @@ def validate(artifact: str | Path, backends: Sequence[str | BackendSpec] = ("tor
             greedy = compare_greedy(reference_tokens, tokens)
             reasons = _verdict(metrics, greedy, tol)
             found = None
-            if reasons and bisect:
+            if reasons and bisect and reference == "decodekit":
                 errors = (rows[ref.label], rows[r.label])
                 found = _bisect(ref, r, prompts, reference_tokens, metrics, errors, all_positions, tol, progress)
             comparisons.append(Comparison(r.label, ref.label, tol, metrics, greedy, not reasons, reasons, found))
         saved = None
         if save_results is not None:
             saved = str(save_run_results(save_results, rows, reference_tokens))
+    notes = [f"reference: {reference}'s model of {reference_source or manifest.source} (fp32); not bisected (the "
+             f"reference has no per-layer taps: bisect with --reference decodekit)"] if reference != "decodekit" else []
     return ValidationReport(str(artifact), manifest.dtype, ref.label, [s.label for s in specs], prompts, steps,
-                            reference_tokens, comparisons, time.perf_counter() - started, saved)
+                            reference_tokens, comparisons, time.perf_counter() - started, saved, notes)
 
 
 def _bisect(ref: _Runner, cand: _Runner, prompts: list[list[int]], forced: list[list[int]],

@@ -29,15 +29,16 @@ def parse_ids(values: tuple[str, ...]) -> list[list[int]]:
     return out
 
 
-def parse_backends(text: str) -> list[str]:
+def parse_backends(text: str, minimum: int = 2) -> list[str]:
     names = [b.strip() for b in text.split(",") if b.strip()]
     for b in names:
         name = b.partition("@")[0]
         if name not in KNOWN_BACKENDS:
             raise UserError(f"unknown backend {name!r} in --backends; choose from {', '.join(KNOWN_BACKENDS)} "
                             f"(optionally NAME@ARTIFACT for another artifact of the same model)")
-    if len(names) < 2:
-        raise UserError("--backends needs at least two backends, the reference first (e.g. torch,ort)")
+    if len(names) < minimum:
+        raise UserError("--backends needs at least two backends, the reference first (e.g. torch,ort)" if minimum > 1
+                        else "--backends needs at least one backend (e.g. ort)")
     return names
 
 
@@ -50,8 +51,12 @@ def parse_backends(text: str) -> list[str]:
 @click.option("--ids", "ids", multiple=True, help="prompt token ids, comma-separated (repeatable)")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
               help="device of the torch and ort backends")
+@click.option("--reference", default="decodekit", show_default=True, type=click.Choice(["decodekit", "transformers"]),
+              help="decodekit: the first backend is the reference; transformers: transformers' own model on the "
+                   "artifact's Hugging Face source (fp32, eager) is, and every backend is compared with it")
 @click.option("--reference-source", default=None,
-              help="rebuild the torch reference from this Hugging Face folder or preset:NAME instead of the manifest's")
+              help="the artifact's source (Hugging Face folder or preset:NAME) when the manifest's has moved: "
+                   "rebuilds the torch backend and the transformers reference from it")
 @click.option("--save-results", type=click.Path(), default=None,
               help="save the per-step logits as Polygraphy RunResults JSON "
                    "(then e.g. `polygraphy run --load-outputs PATH --check-error-stat max --atol 1e-4`)")
@@ -59,21 +64,24 @@ def parse_backends(text: str) -> list[str]:
 @click.option("--seed", default=0, show_default=True, help="seed of the default random prompts")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON document")
 def command(artifact: str, backends: str, steps: int, prompts: tuple[str, ...], ids: tuple[str, ...], device: str,
-            reference_source: str | None, save_results: str | None, no_bisect: bool, seed: int,
+            reference: str, reference_source: str | None, save_results: str | None, no_bisect: bool, seed: int,
             as_json: bool) -> None:
     """Run the same prompts through several backends and compare logits step by step (exit 1 on a mismatch).
 
-    All backends are fed the reference's greedy tokens (teacher forcing). Tolerances: fp32 max |logit error|
-    <= 1e-4 x max(1, logit scale) and identical greedy tokens; fp16 top-1 >= 0.99 and cosine >= 0.999;
-    bf16 top-1 >= 0.98 and cosine >= 0.995. A failing ONNX backend is bisected to the first diverging layer.
+    All backends are fed the reference's greedy tokens (teacher forcing). --reference transformers makes
+    transformers' own model on the artifact's Hugging Face source the reference (needs transformers).
+    Tolerances: fp32 max |logit error| <= 1e-4 x max(1, logit scale) and identical greedy tokens; fp16 top-1
+    >= 0.99 and cosine >= 0.999; bf16 top-1 >= 0.98 and cosine >= 0.995. A failing ONNX backend is bisected
+    to the first diverging layer.
     """
     from .validate import validate
 
     if prompts and ids:
         raise UserError("pass --prompt TEXT or --ids 1,2,3, not both")
-    report = validate(artifact, parse_backends(backends), parse_ids(ids) if ids else None, steps, texts=prompts,
+    names = parse_backends(backends, 2 if reference == "decodekit" else 1)
+    report = validate(artifact, names, parse_ids(ids) if ids else None, steps, texts=prompts,
                       device=device, reference_source=reference_source, bisect=not no_bisect,
-                      save_results=save_results, seed=seed,
+                      save_results=save_results, seed=seed, reference=reference,
                       progress=lambda m: click.echo(f"[validate] {m}", err=True))
     if as_json:
         click.echo(json.dumps(report.to_dict()))
@@ -100,6 +108,7 @@ def format_report(report: "ValidationReport", per_step: bool = True) -> str:
     lines = [f"validate {report.artifact} ({report.dtype}; {len(report.prompts)} prompts of "
              f"{', '.join(str(len(p)) for p in report.prompts)} tokens; prefill + {report.steps} decode steps; "
              f"reference {report.reference}; {report.seconds:.1f} s)"]
+    lines += [f"note: {n}" for n in report.notes]
     for c in report.comparisons:
         lines.append(f"\n{c.backend} vs {c.reference}  [{c.tolerance.describe()}]")
         if per_step:

@@ -198,3 +198,20 @@ def test_refuses_a_collective_it_cannot_cut(tp2: Path) -> None:
 def test_a_graph_without_collectives_is_one_segment(tp1: Path) -> None:
     p = partition(ir.load(str(tp1 / "rank0.onnx")))
     assert p.counts["segments"] == 1 and not p.aliases and p.segments[0].outputs[0] == "logits"
+
+
+def test_row_parallel_biases_cross_the_cut_once(hf_checkpoint, exported) -> None:
+    """o_proj / down_proj biases (llama attention_bias + mlp_bias): each is one Add after its DistCollective, so the
+    segments of both ranks with a manual sum still reproduce the tp=1 logits (a per-rank bias would add it twice)."""
+    src = str(hf_checkpoint("llama", attention_bias=True, mlp_bias=True, hidden_act="gelu"))
+    tp1, tp2 = (exported(src, tp=tp, max_seq=16, max_batch=2) for tp in (1, 2))
+    graph = ir.load(str(tp2 / "rank0.onnx")).graph
+    biased = [u.node for n in graph if n.op_type == "DistCollective" for u in n.outputs[0].uses()
+              if u.node.op_type == "Add" and any(v.const_value is not None for v in u.node.inputs)]
+    assert len(biased) == 2 * L  # all-reduce -> Add(bias initializer)
+    assert {n.inputs[0].producer().op_type for n in graph if n.op_type == "DistCollective"} == {"MatMul"}
+    parts = [partition(ir.load(str(tp2 / f"rank{r}.onnx"))) for r in range(2)]
+    sessions = [[_session(segment_bytes(s)) for s in p.segments] for p in parts]
+    steps = _steps(vocab=256)
+    ref = _run_whole(tp1 / "rank0.onnx", steps)
+    assert _max_rel(ref, _run_segments(parts, sessions, steps), steps) <= 1e-4

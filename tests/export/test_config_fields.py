@@ -1,0 +1,186 @@
+"""Config accounting: every config.json field is mapped, checked, ignored on purpose, or refused by name.
+
+No weights are loaded here except in the CLI and tensor-parallel bias tests (tiny checkpoints): these are fast.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+from decodekit.export.config import FAMILIES as REGISTRY, ConfigError, account
+from decodekit.export.config_fields import HIDDEN_ACT
+from helpers import FAMILIES, hf_classes, hf_config
+
+
+def config_json(family: str, **overrides: Any) -> dict[str, Any]:
+    """The config.json transformers writes for the test checkpoints of ``family`` (plus ``overrides``)."""
+    return {**hf_config(family).to_dict(), **overrides}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_transformers_config_field_is_declared(family):
+    """The oracle's own config class: each field it defines is declared by the family (mapped/checked/ignored)."""
+    config_cls, _ = hf_classes(family)
+    declared = {k for rule in REGISTRY[family].fields for k in rule.keys}
+    fields = set(config_cls().to_dict()) | set(hf_config(family).to_dict())
+    assert sorted(fields - declared) == []
+    assert account(config_json(family)).unknown == ()
+
+
+def test_activation_tables_agree():
+    from decodekit.export import ops
+    from decodekit.export.config import ACTIVATIONS
+
+    assert set(ACTIVATIONS) == set(ops.ACTIVATIONS) and set(HIDDEN_ACT.values()) <= set(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("name", sorted(HIDDEN_ACT))
+def test_hidden_act_names_are_transformers_activations(name):
+    from transformers.activations import ACT2FN
+
+    assert name in ACT2FN
+    assert account(config_json("llama", hidden_act=name)).config.hidden_act == HIDDEN_ACT[name]
+
+
+def _qwen_window(**kw: Any) -> dict[str, Any]:
+    return config_json("qwen2", use_sliding_window=True, sliding_window=64, layer_types=None, **kw)
+
+
+# (family, config.json edits, fragments the one-line message must contain)
+REFUSED = [
+    ("llama", {"hidden_act": "relu"}, ["hidden_act='relu'", "supported", "'gelu'"]),
+    ("mistral", {"hidden_act": "quick_gelu"}, ["hidden_act='quick_gelu'", "supported"]),
+    ("qwen3", {"hidden_act": "xielu"}, ["hidden_act='xielu'"]),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+     ["rope_parameters.rope_type='yarn'", "'llama3'"]),
+    ("mistral", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+     ["rope_type='dynamic'"]),
+    ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, ["rope_parameters", "lacks factor"]),
+    ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 2]}},
+     ["rope_parameters.mrope_section=[2, 2]"]),
+    ("qwen2", {"partial_rotary_factor": 0.5}, ["partial_rotary_factor=0.5"]),
+    ("llama", {"quantization_config": {"quant_method": "gptq"}}, ["quantization_config=", "pre-quantized"]),
+    ("llama", {"attention_bias": "yes"}, ["attention_bias='yes'"]),
+    ("mistral", {"sliding_window": 0}, ["sliding_window=0"]),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "layer_types": ["banana", "full_attention"]},
+     ["layer_types=['banana', 'full_attention']", "'sliding_attention'"]),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 64, "layer_types": ["full_attention"]},
+     ["layer_types=['full_attention']", "2 entries"]),
+    ("llama", {"hidden_size": "wide"}, ["hidden_size='wide'"]),
+    ("llama", {"eos_token_id": ["end"]}, ["eos_token_id=['end']"]),
+]
+
+
+@pytest.mark.parametrize("family,edits,fragments", REFUSED, ids=[f"{f}-{next(iter(e))}" for f, e, _ in REFUSED])
+def test_unsupported_config_value_is_refused_by_name(family, edits, fragments):
+    with pytest.raises(ConfigError) as info:
+        account(config_json(family, **edits))
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+# (family, config.json edits, the sliding_window the export must respect: None = full attention)
+WINDOWS = [
+    ("mistral", {"sliding_window": None}, None),
+    ("mistral", {"sliding_window": 4}, 4),
+    ("qwen2", {"use_sliding_window": False, "sliding_window": 4}, None),  # the flag is off: full attention
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "layer_types": None, "max_window_layers": 2}, None),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "layer_types": None, "max_window_layers": 1}, 64),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 32,
+               "layer_types": ["full_attention", "sliding_attention"]}, 32),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 32,
+               "layer_types": ["full_attention", "full_attention"]}, None),
+]
+
+
+@pytest.mark.parametrize("family,edits,window", WINDOWS)
+def test_sliding_window_is_read_as_transformers_does(family, edits, window):
+    config_cls, _ = hf_classes(family)
+    theirs = config_cls(**{k: v for k, v in config_json(family, **edits).items() if k != "transformers_version"})
+    layers = getattr(theirs, "layer_types", None) or ["sliding_attention"] * theirs.num_hidden_layers
+    expected = theirs.sliding_window if "sliding_attention" in layers else None
+    assert expected == window  # the table agrees with transformers' own reading
+    config = account(config_json(family, **edits)).config
+    assert config.sliding_window == window
+    if window is not None:
+        config.check_max_seq(window)  # a window >= max_seq is exact
+        with pytest.raises(ConfigError, match=rf"sliding_window={window} is smaller than --max-seq {window + 1}"):
+            config.check_max_seq(window + 1)
+
+
+def test_ignored_and_unknown_fields_are_reported():
+    acc = account(config_json("llama", rope_interleaved=False, my_custom_key=3))
+    assert {"initializer_range", "use_cache", "attention_dropout", "pad_token_id", "transformers_version"} <= \
+        set(acc.ignored)
+    assert acc.unknown == ("my_custom_key", "rope_interleaved")
+    assert acc.to_dict()["unknown"] == ["my_custom_key", "rope_interleaved"]
+
+
+def test_export_refuses_window_smaller_than_max_seq_in_one_line(hf_checkpoint, tmp_path, capsys):
+    """The CLI: one line naming the field and the fix, exit 1, nothing written, before any weight is loaded."""
+    from decodekit.tools.cli import main
+
+    src = hf_checkpoint("mistral", sliding_window=4)
+    capsys.readouterr()  # transformers' save progress
+    with pytest.raises(SystemExit) as info:
+        main(["export", str(src), "-o", str(tmp_path / "a"), "--max-seq", "64"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: sliding_window=4 is smaller than --max-seq 64: decodekit computes full attention, which "
+                   "equals sliding-window attention only while every sequence fits the window; re-export with "
+                   "--max-seq 4 or less"]
+    assert not (tmp_path / "a").exists()
+
+
+def test_export_manifest_lists_ignored_and_unknown_fields(hf_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from decodekit.export.artifact import ExportOptions, export_artifact
+
+    src = tmp_path / "hf"
+    shutil.copytree(hf_checkpoint("llama"), src)
+    hf = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**hf, "rope_interleaved": False}))
+    messages: list[str] = []
+    manifest = export_artifact(str(src), tmp_path / "a", ExportOptions(max_seq=16, max_batch=1), messages.append)
+    assert manifest.config_fields["unknown"] == ["rope_interleaved"]
+    assert "initializer_range" in manifest.config_fields["ignored"]
+    assert any("rope_interleaved" in m and "initializer_range" in m for m in messages)
+
+
+def test_row_parallel_biases_are_added_once_under_tensor_parallelism(hf_checkpoint):
+    """o_proj / down_proj biases live after the all-reduce: tp=2 equals tp=1 (adding them per rank would not)."""
+    from decodekit.export.checkpoint import load_hf
+    from decodekit.export.sharding import ThreadGroup, shard
+
+    model = load_hf(hf_checkpoint("llama", attention_bias=True, mlp_bias=True, hidden_act="gelu"))
+    assert model.layers[0].ffn_norm.reduce_bias is not None and model.layers[0].attn_norm.reduce_bias is not None
+    ids = torch.tensor([[5, 17, 99, 3, 200, 42, 7]])
+    args = (ids, torch.arange(7)[None], torch.zeros(1, dtype=torch.long), torch.tensor([7]))
+    with torch.no_grad():
+        whole, _ = model(*args, model.new_cache(1, 16))
+    group = ThreadGroup(2)
+    ranks = [shard(copy.deepcopy(model), r, 2, group.rank(r)) for r in range(2)]
+    out: list[torch.Tensor] = [None, None]  # type: ignore[list-item]
+
+    def run(r: int) -> None:
+        with torch.no_grad():
+            out[r] = ranks[r](*args, ranks[r].new_cache(1, 16))[0]
+
+    import threading
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    scale = whole.abs().max().item()
+    for r in range(2):
+        assert (out[r] - whole).abs().max().item() <= 1e-5 * scale
