@@ -353,6 +353,8 @@ class Sampler:
     def sample(self, logits: Array) -> SampleResult:
         """Process ``logits`` [batch, vocab] (see module docstring) and pick one token per row."""
         cfg, st = self.config, self._state
+        if cfg.greedy and not cfg.has_penalties and self.backend == "torch":
+            return st.argmax(logits)  # no copy of the logits, three kernels
         x = st.load(logits)
         if cfg.has_penalties:
             apply_penalties(

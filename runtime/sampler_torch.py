@@ -140,15 +140,31 @@ class TorchState:
         # one scatter-add into the flat counts (index_put_ with accumulate sorts its indices on CUDA)
         self.counts.view(-1).scatter_add_(0, self._rows * self.counts.shape[1] + tok, inc)
 
-    def load(self, logits: Any) -> torch.Tensor:
+    def _check(self, logits: Any) -> None:
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
             raise ValueError(f"torch backend needs a float torch.Tensor, got {type(logits).__name__}")
-        if tuple(logits.shape) != tuple(self._x.shape):
+        if logits.shape != self._x.shape:
             raise ValueError(f"logits must have shape {tuple(self._x.shape)}, got {tuple(logits.shape)}")
         if logits.device != self.device:
             raise ValueError(f"logits are on {logits.device}, sampler state is on {self.device}")
+
+    def load(self, logits: Any) -> torch.Tensor:
+        self._check(logits)
         with torch.no_grad():
             return self._x.copy_(logits)
+
+    @torch.no_grad()
+    def argmax(self, logits: Any) -> SampleResult:
+        """Greedy without penalties, straight from the logits (any float dtype): the argmax (first index on ties)
+        and its log-probability under softmax(logits), computed in fp32."""
+        self._check(logits)
+        x = logits if logits.dtype == torch.float32 else logits.float()
+        if x.device.type == "cpu":
+            best, tok = x.max(dim=-1)  # one pass; the first maximal index
+        else:
+            tok = argmax_last(x)
+            best = x.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+        return SampleResult(tok, best - torch.logsumexp(x, dim=-1))
 
     @staticmethod
     def drop(x: torch.Tensor, keep: torch.Tensor) -> None:

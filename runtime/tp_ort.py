@@ -197,6 +197,7 @@ class TpOrtBackend(Backend):
         if self.options.device == "cuda":
             self.options = _on_torch_stream(self.options)
             self.group.device = f"cuda:{self.options.device_id}"
+            self.device = self._torch().device(self.group.device)
         self.partition = partition or cut(ir.load(str(self.manifest.rank_file(self.artifact, self.rank))))
         self.plan = plan_storage(self.partition)
         self.run_options = self._run_options()
@@ -256,14 +257,12 @@ class TpOrtBackend(Backend):
 
     # ---------------------------------------------------------------------------------------- allocation
 
-    def allocate(self, batch: int) -> StepState:
-        if not 1 <= batch <= self.max_batch:
-            raise BackendError(f"batch {batch} is outside the artifact's range [1, {self.max_batch}]")
+    def _allocate(self, batch: int) -> StepState:
         if self.rank == 0 and self.group.world > 1:
             self._send(OP_ALLOCATE, batch, 0, None)
-        return self._allocate(batch)
+        return self._local_allocate(batch)
 
-    def _allocate(self, batch: int) -> StepState:
+    def _local_allocate(self, batch: int) -> StepState:
         caches = {}
         for name in self.partition.graph_inputs:
             if name.startswith("past_key_values."):
@@ -302,11 +301,9 @@ class TpOrtBackend(Backend):
 
     # ---------------------------------------------------------------------------------------------- step
 
-    def step(self, state: StepState, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
-             nonpad_kv_seqlen: np.ndarray) -> Any:
+    def _step(self, state: StepState, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
+              nonpad_kv_seqlen: np.ndarray) -> Any:
         B, S = input_ids.shape
-        if B != state.batch:
-            raise BackendError(f"step got batch {B} but the state was allocated for batch {state.batch}")
         arrays = (input_ids, position_ids, write_indices, nonpad_kv_seqlen)
         if self.rank == 0 and self.group.world > 1:
             self._send(OP_STEP, B, S, arrays)
@@ -383,7 +380,7 @@ class TpOrtBackend(Backend):
             if op == OP_STOP:
                 return steps
             if op == OP_ALLOCATE:
-                state = self._allocate(batch)
+                state = self._local_allocate(batch)
             elif op == OP_STEP and state is not None and arrays is not None:
                 self._run(state, arrays)
                 steps += 1

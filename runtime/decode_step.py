@@ -1,0 +1,186 @@
+"""The device-resident decode step: the backend's run, the sampler and the input advance, on the logits' device.
+
+    start:    sample the prefill's last logits, write the token and the lengths into ``state.inputs``
+    advance:  run_decode(state.inputs) -> logits_B1V -> sample -> ids = token, pos/write/nonpad += 1 -> pack
+
+``state.inputs`` is the backend's int64 [4, B] decode input tensor (ids, positions, write indices, valid
+lengths), so a step reads what the previous one wrote without leaving the device. Every row advances every
+step: a finished row rewrites rows past its output (the loop bounds the steps so nothing passes max_seq) and
+the host discards what it makes. Tokens and log-probs of each step are packed into one [2, B] tensor and
+reach the host through a ``TokenChannel``: on CUDA a ring of pinned buffers and events, read one step behind,
+so the device never waits for the host; on the CPU at once.
+
+On a backend whose decode step may be captured (``Backend.capturable``: ONNX Runtime on CUDA with a dialect
+that reads no value on the host), ``advance`` is one CUDA graph replay of the whole step; elsewhere the same
+code runs eagerly. At most ``MAX_CAPTURED`` steps are captured per backend (each graph keeps its memory);
+later states run eagerly, with one warning. A state keeps its steps (one per sampling config), so a caller
+that passes the same state to ``generate`` again replays the same graph.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from typing import Any, Sequence
+
+import numpy as np
+
+from .backend import Backend, StepState
+from .cuda_graph import CapturedStep, can_capture_generators
+from .sampler import Sampler, SamplingConfig
+
+MAX_CAPTURED = 16  # captured decode steps per backend
+
+
+class TokenChannel:
+    """Tokens and log-probs of each step, device -> host, in order. CPU: read when pushed."""
+
+    lookahead = 0  # steps the loop may launch beyond the one the host reads next
+
+    def __init__(self) -> None:
+        self._queue: deque[np.ndarray] = deque()
+
+    def clear(self) -> None:
+        self._queue.clear()
+
+    def push(self, packed_2B: Any) -> None:
+        self._queue.append(packed_2B.numpy().copy())
+
+    def pop(self) -> tuple[np.ndarray, np.ndarray]:
+        packed = self._queue.popleft()
+        return packed[0].astype(np.int64), packed[1].astype(np.float32)
+
+
+class CudaTokenChannel(TokenChannel):
+    """A ring of pinned [2, B] buffers, each filled by an async copy on the step's stream and an event."""
+
+    lookahead = 1
+
+    def __init__(self, batch: int, stream: Any, slots: int = 3) -> None:
+        import torch
+
+        super().__init__()
+        self._stream = stream
+        self._pinned = torch.empty(slots, 2, batch, dtype=torch.float64, pin_memory=True)
+        self._events = [torch.cuda.Event() for _ in range(slots)]
+        self._next = 0
+
+    def push(self, packed_2B: Any) -> None:
+        import torch
+
+        slot = self._next % len(self._events)
+        self._next += 1
+        with torch.cuda.stream(self._stream):
+            self._pinned[slot].copy_(packed_2B, non_blocking=True)
+            self._events[slot].record(self._stream)
+        self._queue.append(slot)
+
+    def pop(self) -> tuple[np.ndarray, np.ndarray]:
+        slot = self._queue.popleft()
+        self._events[slot].synchronize()
+        packed = self._pinned[slot].numpy()
+        return packed[0].astype(np.int64), packed[1].astype(np.float32)
+
+
+class DecodeStep:
+    """One state's decode step for one sampling config (see the module docstring)."""
+
+    def __init__(self, backend: Backend, state: StepState, sampling: SamplingConfig) -> None:
+        import torch
+
+        self.backend, self.state, self.config = backend, state, sampling
+        device = state.inputs.device
+        self.sampler = Sampler(sampling, state.batch, backend.manifest.config.vocab_size, backend="torch",
+                               device=device)
+        self.packed = torch.zeros(2, state.batch, dtype=torch.float64, device=device)
+        self.stream = backend.stream or (torch.cuda.current_stream(device) if device.type == "cuda" else None)
+        self.channel = CudaTokenChannel(state.batch, self.stream) if device.type == "cuda" else TokenChannel()
+        self._graph: CapturedStep | None = None
+        self._eager_steps = 0
+
+    @classmethod
+    def of(cls, backend: Backend, state: StepState, sampling: SamplingConfig) -> "DecodeStep":
+        """The state's step for this config, made once and kept in ``state.steps``."""
+        step = state.steps.get(sampling)
+        if step is None:
+            step = state.steps[sampling] = cls(backend, state, sampling)
+        return step
+
+    @property
+    def captured(self) -> bool:
+        return self._graph is not None
+
+    def _ctx(self) -> Any:
+        import contextlib
+
+        import torch
+
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def start(self, prompts: Sequence[Sequence[int]], last_BV: Any, lens_B: np.ndarray) -> None:
+        """Choose token 0 from the prefill's last logits and point the inputs at each sequence's end."""
+        import torch
+
+        self.channel.clear()
+        self.sampler.reset(prompts)
+        lens = torch.from_numpy(np.stack([lens_B, lens_B, lens_B + 1]).astype(np.int64))
+        with self._ctx(), torch.no_grad():
+            self.state.inputs[1:].copy_(lens.to(self.state.inputs.device, non_blocking=False))
+            self._choose(last_BV.to(self.state.inputs.device))
+        self.channel.push(self.packed)
+
+    def advance(self) -> None:
+        """One decode step on the device; its tokens are queued on the channel."""
+        import torch
+
+        if self._graph is None and self._should_capture():
+            self._capture()
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            with self._ctx(), torch.no_grad():
+                self._body()
+            self._eager_steps += 1
+        self.channel.push(self.packed)
+
+    # ------------------------------------------------------------------------------------------------ body
+
+    def _choose(self, logits_BV: Any) -> None:
+        result = self.sampler.sample(logits_BV)
+        if self.config.has_penalties:
+            self.sampler.observe(result.tokens)
+        self.state.inputs[0].copy_(result.tokens)
+        self.packed[0].copy_(result.tokens)
+        self.packed[1].copy_(result.logprobs)
+
+    def _body(self) -> Any:
+        logits = self.backend.run_decode(self.state)
+        self._choose(logits[:, 0])
+        self.state.inputs[1:].add_(1)
+        return self.packed
+
+    # --------------------------------------------------------------------------------------------- capture
+
+    def _should_capture(self) -> bool:
+        # the first decode step runs eagerly: it binds the decode buffers and warms the backend up
+        if self._eager_steps < 1 or not self.backend.capturable(self.state):
+            return False
+        if not self.config.greedy and not can_capture_generators():
+            return False
+        if self.backend.captured_steps >= MAX_CAPTURED:
+            if self.backend.captured_steps == MAX_CAPTURED:
+                self.backend.captured_steps += 1
+                warnings.warn(f"{self.backend.artifact}: more than {MAX_CAPTURED} decode steps captured on one "
+                              f"backend; new states decode without a CUDA graph (pass state= to generate to "
+                              f"reuse one)", stacklevel=4)
+            return False
+        return True
+
+    def _capture(self) -> None:
+        import torch
+
+        st = self.sampler._state
+        generators = [] if self.config.greedy else [st._gen]
+        with torch.no_grad():
+            self._graph = CapturedStep(self._body, self.stream, [self.state.inputs, st.counts], generators)
+        self.backend.captured_steps += 1
