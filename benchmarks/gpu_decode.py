@@ -5,8 +5,9 @@
 
 Per model (a random checkpoint of the preset's shape, made with transformers' LlamaForCausalLM, fp16):
   decodekit            `decodekit export HF -o A --dtype fp16` + `optimize A --dialect ort-gqa-static`, run by
-                       runtime.generate (tokens streamed to the host every step): the decode step captured as one
-                       CUDA graph (ORT run + sampler + input advance), and the same loop eager (`:eager`)
+                       runtime.generate (tokens streamed to the host every step) as `decodekit generate` runs it
+                       (no --logprobs): the decode step captured as one CUDA graph (ORT run + sampler + input
+                       advance); `:logprobs` with each token's log-probability, `:eager` the same loop uncaptured
   genai[:graph]        onnxruntime-genai's model builder (-p fp16 -e cuda) on the same folder, its Generator loop
                        reading every token on the host (get_next_tokens), with and without enable_cuda_graph
 Decode ms/step = median over steps 8.. of the wall time between successive tokens, per round; rounds alternate
@@ -135,16 +136,18 @@ class Genai:
 
 
 class Decodekit:
-    def __init__(self, artifact: Path, graph: bool, batch: int) -> None:
+    def __init__(self, artifact: Path, graph: bool, batch: int, logprobs: bool = True) -> None:
         from decodekit.runtime.ort_backend import OrtBackend
+        from decodekit.runtime.sampler import SamplingConfig
 
         self.backend = OrtBackend(artifact, device="cuda", cuda_graph=graph)
         self.state = self.backend.allocate(batch)
+        self.sampling = SamplingConfig(logprobs=logprobs)
 
     def run(self, prompts: list[list[int]], steps: int) -> tuple[list[float], list[list[int]]]:
         from decodekit.tools.bench import timed_generate
 
-        _, times, tokens = timed_generate(self.backend, prompts, steps, self.state)
+        _, times, tokens = timed_generate(self.backend, prompts, steps, self.state, self.sampling)
         return times, tokens
 
 
@@ -165,8 +168,9 @@ def bench_model(name: str, batches: list[int], steps: int, prompt_len: int, roun
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
         prompts = torch.randint(3, vocab, (batch, prompt_len), generator=g).tolist()
-        systems = {"decodekit": lambda: Decodekit(static, True, batch),
-                   "decodekit:eager": lambda: Decodekit(static, False, batch),
+        systems = {"decodekit": lambda: Decodekit(static, True, batch, logprobs=False),
+                   "decodekit:logprobs": lambda: Decodekit(static, True, batch),
+                   "decodekit:eager": lambda: Decodekit(static, False, batch, logprobs=False),
                    "genai:graph": lambda: Genai(genai_folder(genai, batch, prompt_len + steps, True)),
                    "genai": lambda: Genai(genai_folder(genai, batch, prompt_len + steps, False))}
         runners, res = {}, {}
@@ -194,7 +198,7 @@ def bench_model(name: str, batches: list[int], steps: int, prompt_len: int, roun
                 v["ms"] = statistics.median(v["ms_rounds"])
         dk = res.get("decodekit", {})
         if dk.get("tokens"):
-            for s in ("decodekit:eager", "genai", "genai:graph"):
+            for s in ("decodekit:logprobs", "decodekit:eager", "genai", "genai:graph"):
                 if res.get(s, {}).get("tokens"):
                     res[s]["first_divergence_from_decodekit"] = first_divergence(dk["tokens"], res[s]["tokens"])
         peers = [res[s]["ms"] for s in ("genai", "genai:graph") if "ms" in res.get(s, {})]
@@ -223,7 +227,7 @@ def plot(results: list[dict], path: Path) -> None:
     rows = [(f"{r['model']} b{b}", s, v["ms"]) for r in results for b, d in r["batches"].items()
             for s, v in d["systems"].items() if "ms" in v]
     groups = sorted({g for g, _, _ in rows}, key=lambda g: [x for x, _, _ in rows].index(g))
-    systems = ["decodekit", "decodekit:eager", "genai:graph", "genai"]
+    systems = ["decodekit", "decodekit:logprobs", "decodekit:eager", "genai:graph", "genai"]
     fig, ax = plt.subplots(figsize=(2 + 2.2 * len(groups), 4))
     w = 0.8 / len(systems)
     for i, s in enumerate(systems):

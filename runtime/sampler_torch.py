@@ -106,6 +106,7 @@ class TorchState:
         self._e = torch.empty_like(self._x)
         self._q = torch.empty_like(self._x)
         self._rows = torch.arange(batch, device=self.device)
+        self._nan = torch.full((batch,), float("nan"), device=self.device)
         self._seed = seed
         self._gen = torch.Generator(device=self.device)
         self._reseed()
@@ -154,10 +155,12 @@ class TorchState:
             return self._x.copy_(logits)
 
     @torch.no_grad()
-    def argmax(self, logits: Any) -> SampleResult:
+    def argmax(self, logits: Any, logprobs: bool = True) -> SampleResult:
         """Greedy without penalties, straight from the logits (any float dtype): the argmax (first index on ties)
-        and its log-probability under softmax(logits), computed in fp32."""
+        and, with ``logprobs``, its log-probability under softmax(logits) in fp32 (else NaN)."""
         self._check(logits)
+        if not logprobs:
+            return SampleResult(argmax_last(logits), self._nan)
         x = logits if logits.dtype == torch.float32 else logits.float()
         if x.device.type == "cpu":
             best, tok = x.max(dim=-1)  # one pass; the first maximal index

@@ -83,7 +83,8 @@ def timed_generate(runner, prompts, new_tokens: int, state=None, sampling=None) 
 
     stamps, tokens = [], [[] for _ in prompts]
     t0 = time.perf_counter()
-    for ev in generate(runner, prompts, new_tokens, sampling or SamplingConfig(), eos_ids=(), state=state):
+    for ev in generate(runner, prompts, new_tokens, sampling or SamplingConfig(logprobs=False), eos_ids=(),
+                       state=state):
         stamps.append(time.perf_counter())
         for b, t in ev.new_tokens().items():
             tokens[b].append(t)

@@ -180,3 +180,12 @@ def test_two_stage_argmax_is_torch_argmax_ties_included(device):
         x[3, V - 1] = 9.0
         x = x.to(device)
         assert argmax_last(x).tolist() == x.argmax(dim=-1).tolist() == [argmax_last(x)[0].item(), 7, 0, V - 1]
+
+
+def test_greedy_without_logprobs_same_tokens_nan_logprobs(artifacts):
+    with OrtBackend(artifacts["std"]) as b:
+        want = generate_result(b, PROMPTS, 12, eos_ids=())
+        got = generate_result(b, PROMPTS, 12, SamplingConfig(logprobs=False), eos_ids=())
+    assert got.output_ids == want.output_ids
+    assert all(lp != lp for row in got.logprobs for lp in row)  # NaN: not computed
+    assert all(lp <= 0.0 for row in want.logprobs for lp in row)
