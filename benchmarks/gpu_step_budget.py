@@ -47,7 +47,6 @@ def main(argv: list[str] | None = None) -> None:
     from decodekit.runtime.cuda_graph import CapturedStep
     from decodekit.runtime.decode_step import DecodeStep
     from decodekit.runtime.ort_backend import OrtBackend
-    from decodekit.runtime.sampler import SamplingConfig
     from decodekit.runtime.sampler_torch import argmax_last
     from decodekit.tools.bench import timed_generate
 
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     timed_generate(b, prompts, 16, state)
     _, times, _ = timed_generate(b, prompts, 128, state)
     out["loop"] = statistics.median(times[8:])
-    step: DecodeStep = state.steps[SamplingConfig()]
+    step: DecodeStep = next(iter(state.steps.values()))
     out["step"] = replay_ms(step._graph.graph.replay, a.replays, b.stream, state.inputs, 32)
     inputs = state.inputs
 

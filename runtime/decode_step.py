@@ -6,8 +6,8 @@
 ``state.inputs`` is the backend's int64 [4, B] decode input tensor (ids, positions, write indices, valid
 lengths), so a step reads what the previous one wrote without leaving the device. Every row advances every
 step: a finished row rewrites rows past its output (the loop bounds the steps so nothing passes max_seq) and
-the host discards what it makes. Tokens and log-probs of each step are packed into one [2, B] tensor and
-reach the host through a ``TokenChannel``: on CUDA a ring of pinned buffers and events, read one step behind,
+the host discards what it makes. Tokens and log-probs of each step are packed into one [2, B] tensor (without
+log-probs the token row of the inputs is sent as it is) and reach the host through a ``TokenChannel``: on CUDA a ring of pinned buffers and events, read one step behind,
 so the device never waits for the host; on the CPU at once.
 
 On a backend whose decode step may be captured (``Backend.capturable``: ONNX Runtime on CUDA with a dialect
@@ -33,53 +33,57 @@ MAX_CAPTURED = 16  # captured decode steps per backend
 
 
 class TokenChannel:
-    """Tokens and log-probs of each step, device -> host, in order. CPU: read when pushed."""
+    """Tokens (and log-probs) of each step, device -> host, in order. ``push`` takes [1, B] int64 token ids or
+    [2, B] float64 tokens + log-probs; ``pop`` gives int64 tokens and float32 log-probs (NaN when not sent).
+    CPU: read when pushed."""
 
     lookahead = 0  # steps the loop may launch beyond the one the host reads next
 
-    def __init__(self) -> None:
-        self._queue: deque[np.ndarray] = deque()
+    def __init__(self, batch: int) -> None:
+        self._queue: deque[Any] = deque()
+        self._nan = np.full(batch, np.nan, dtype=np.float32)
 
     def clear(self) -> None:
         self._queue.clear()
 
-    def push(self, packed_2B: Any) -> None:
-        self._queue.append(packed_2B.numpy().copy())
+    def push(self, rows: Any) -> None:
+        self._queue.append(rows.numpy().copy())
+
+    def _unpack(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return rows[0].astype(np.int64), (rows[1].astype(np.float32) if len(rows) > 1 else self._nan.copy())
 
     def pop(self) -> tuple[np.ndarray, np.ndarray]:
-        packed = self._queue.popleft()
-        return packed[0].astype(np.int64), packed[1].astype(np.float32)
+        return self._unpack(self._queue.popleft())
 
 
 class CudaTokenChannel(TokenChannel):
-    """A ring of pinned [2, B] buffers, each filled by an async copy on the step's stream and an event."""
+    """A ring of pinned buffers, each filled by an async copy on the step's stream and an event."""
 
     lookahead = 1
 
-    def __init__(self, batch: int, stream: Any, slots: int = 3) -> None:
+    def __init__(self, batch: int, stream: Any, rows: Any, slots: int = 3) -> None:
         import torch
 
-        super().__init__()
+        super().__init__(batch)
         self._stream = stream
-        self._pinned = torch.empty(slots, 2, batch, dtype=torch.float64, pin_memory=True)
+        self._pinned = torch.empty(slots, *rows.shape, dtype=rows.dtype, pin_memory=True)
         self._events = [torch.cuda.Event() for _ in range(slots)]
         self._next = 0
 
-    def push(self, packed_2B: Any) -> None:
+    def push(self, rows: Any) -> None:
         import torch
 
         slot = self._next % len(self._events)
         self._next += 1
         with torch.cuda.stream(self._stream):
-            self._pinned[slot].copy_(packed_2B, non_blocking=True)
+            self._pinned[slot].copy_(rows, non_blocking=True)
             self._events[slot].record(self._stream)
         self._queue.append(slot)
 
     def pop(self) -> tuple[np.ndarray, np.ndarray]:
         slot = self._queue.popleft()
         self._events[slot].synchronize()
-        packed = self._pinned[slot].numpy()
-        return packed[0].astype(np.int64), packed[1].astype(np.float32)
+        return self._unpack(self._pinned[slot].numpy())
 
 
 class DecodeStep:
@@ -92,9 +96,13 @@ class DecodeStep:
         device = state.inputs.device
         self.sampler = Sampler(sampling, state.batch, backend.manifest.config.vocab_size, backend="torch",
                                device=device)
-        self.packed = torch.zeros(2, state.batch, dtype=torch.float64, device=device)
+        # what reaches the host each step: tokens + log-probs packed [2, B], or the token row of the inputs itself
+        # (the copy is queued before the next step rewrites it)
+        self.packed = torch.zeros(2, state.batch, dtype=torch.float64, device=device) if sampling.logprobs else None
+        self.sent = self.packed if sampling.logprobs else state.inputs[:1]
         self.stream = backend.stream or (torch.cuda.current_stream(device) if device.type == "cuda" else None)
-        self.channel = CudaTokenChannel(state.batch, self.stream) if device.type == "cuda" else TokenChannel()
+        self.channel = (CudaTokenChannel(state.batch, self.stream, self.sent) if device.type == "cuda"
+                        else TokenChannel(state.batch))
         self._graph: CapturedStep | None = None
         self._eager_steps = 0
 
@@ -127,7 +135,7 @@ class DecodeStep:
         with self._ctx(), torch.no_grad():
             self.state.inputs[1:].copy_(lens.to(self.state.inputs.device, non_blocking=False))
             self._choose(last_BV.to(self.state.inputs.device))
-        self.channel.push(self.packed)
+        self.channel.push(self.sent)
 
     def advance(self) -> None:
         """One decode step on the device; its tokens are queued on the channel."""
@@ -141,7 +149,7 @@ class DecodeStep:
             with self._ctx(), torch.no_grad():
                 self._body()
             self._eager_steps += 1
-        self.channel.push(self.packed)
+        self.channel.push(self.sent)
 
     # ------------------------------------------------------------------------------------------------ body
 
@@ -150,14 +158,15 @@ class DecodeStep:
         if self.config.has_penalties:
             self.sampler.observe(result.tokens)
         self.state.inputs[0].copy_(result.tokens)
-        self.packed[0].copy_(result.tokens)
-        self.packed[1].copy_(result.logprobs)
+        if self.packed is not None:
+            self.packed[0].copy_(result.tokens)
+            self.packed[1].copy_(result.logprobs)
 
     def _body(self) -> Any:
         logits = self.backend.run_decode(self.state)
         self._choose(logits[:, 0])
         self.state.inputs[1:].add_(1)
-        return self.packed
+        return self.sent
 
     # --------------------------------------------------------------------------------------------- capture
 

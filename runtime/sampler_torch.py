@@ -26,7 +26,7 @@ def argmax_last(x: torch.Tensor) -> torch.Tensor:
         return x.argmax(dim=-1)
     values, within = x.reshape(B, V // chunk, chunk).max(dim=-1)
     best = values.argmax(dim=-1, keepdim=True)
-    return (best * chunk + within.gather(-1, best)).squeeze(-1)
+    return torch.add(within.gather(-1, best), best, alpha=chunk).squeeze(-1)
 
 
 def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
