@@ -6,6 +6,7 @@ Nothing here reads a ``[batch, vocab]`` tensor back to the host, and nothing syn
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -21,12 +22,17 @@ def argmax_last(x: torch.Tensor) -> torch.Tensor:
     the chunk of the first maximum holds the first maximal index.
     """
     B, V = x.shape
-    chunk = next((c for c in (1024, 512, 256, 128, 64) if V % c == 0 and V // c >= 8), None)
+    chunk = _chunk(V)
     if chunk is None:
         return x.argmax(dim=-1)
     values, within = x.reshape(B, V // chunk, chunk).max(dim=-1)
     best = values.argmax(dim=-1, keepdim=True)
     return torch.add(within.gather(-1, best), best, alpha=chunk).squeeze(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk(V: int) -> int | None:
+    return next((c for c in (1024, 512, 256, 128, 64) if V % c == 0 and V // c >= 8), None)
 
 
 def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -159,8 +165,9 @@ class TorchState:
         """Greedy without penalties, straight from the logits (any float dtype): the argmax (first index on ties)
         and, with ``logprobs``, its log-probability under softmax(logits) in fp32 (else NaN)."""
         self._check(logits)
-        if not logprobs:
-            return SampleResult(argmax_last(logits), self._nan)
+        if not logprobs:  # one pass on the CPU (first maximal index); two stages over long rows on a GPU
+            return SampleResult(logits.argmax(dim=-1) if logits.device.type == "cpu" else argmax_last(logits),
+                                self._nan)
         x = logits if logits.dtype == torch.float32 else logits.float()
         if x.device.type == "cpu":
             best, tok = x.max(dim=-1)  # one pass; the first maximal index
