@@ -24,6 +24,7 @@ import numpy as np
 
 from ..export.manifest import Manifest
 from .backend import Backend, BackendError, StepState, register, resolve_options
+from .iobinding import bind_tensor
 
 from ..export.names import STEP_INPUTS, past_names, present_names  # noqa: F401 - re-exported
 
@@ -170,7 +171,7 @@ class OrtBackend(Backend):
         binding = self.session.io_binding()
         caches = [self._zeros((batch, *self.kv_shape), self.manifest.dtype) for _ in range(2 * self.num_layers)]
         logits = self._torch_empty((batch, 1, self.vocab))
-        self._bind_torch(binding, "logits", logits, output=True)  # logits is output 0 of every binding
+        bind_tensor(binding, "logits", logits, output=True)  # logits is output 0 of every binding
         for past, present, value in zip(past_names(self.num_layers), present_names(self.num_layers), caches):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
@@ -184,11 +185,6 @@ class OrtBackend(Backend):
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.manifest.dtype]
         return torch.zeros(shape, dtype=dtype, device=self.device)
-
-    def _bind_torch(self, binding: Any, name: str, tensor: Any, output: bool) -> None:
-        etype = ONNX_TYPES[self.manifest.dtype] if tensor.is_floating_point() else 7  # TensorProto INT64
-        bind = binding.bind_output if output else binding.bind_input
-        bind(name, self.device.type, self.options.device_id, etype, list(tensor.shape), tensor.data_ptr())
 
     # -------------------------------------------------------------------------------------------- step
 
@@ -208,8 +204,8 @@ class OrtBackend(Backend):
         B = inputs.shape[1]
         for row, name in enumerate(STEP_INPUTS):
             view = inputs[row].view(B, 1) if name in ("input_ids", "position_ids") else inputs[row]
-            self._bind_torch(h.binding, name, view, output=False)
-        self._bind_torch(h.binding, "logits", h.decode_logits, output=True)
+            bind_tensor(h.binding, name, view, output=False)
+        bind_tensor(h.binding, "logits", h.decode_logits, output=True)
         h.keep.clear()
         h.bound = "decode"
 
@@ -257,7 +253,7 @@ class OrtBackend(Backend):
         h.bound = "prefill"
         # [B, 1, V] whatever S is for logits "last": the decode buffer serves
         logits = h.decode_logits if self.manifest.logits == "last" else self._torch_empty((B, S, self.vocab))
-        self._bind_torch(h.binding, "logits", logits, output=True)
+        bind_tensor(h.binding, "logits", logits, output=True)
         h.keep.append(logits)
         return logits
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..export.manifest import Manifest
 from .backend import Backend, BackendError, StepState, register, resolve_options
+from .iobinding import bind_tensor
 from .ort_backend import STEP_INPUTS, OrtOptions, create_session
 
 TORCH_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
@@ -250,11 +251,6 @@ class TpOrtBackend(Backend):
                           f"cannot size its buffer") from None
         return torch.empty(shape, dtype=getattr(torch, TORCH_DTYPES[info.dtype]), device=self.group.device)
 
-    def _bind(self, binding: Any, name: str, t: Any, output: bool) -> None:
-        dev = "cpu" if self.options.device == "cpu" else "cuda"
-        fn = binding.bind_output if output else binding.bind_input
-        fn(name, dev, self.options.device_id, self.partition.tensors[name].dtype, list(t.shape), t.data_ptr())
-
     # ---------------------------------------------------------------------------------------- allocation
 
     def _allocate(self, batch: int) -> StepState:
@@ -291,9 +287,9 @@ class TpOrtBackend(Backend):
         for seg, session in zip(self.partition.segments[:self._active], self.sessions):
             b = session.io_binding()
             for name in seg.inputs:
-                self._bind(b, name, self._tensor_for(caches, name, inputs, slots, logits), output=False)
+                bind_tensor(b, name, self._tensor_for(caches, name, inputs, slots, logits), output=False)
             for name in seg.outputs:
-                self._bind(b, name, self._tensor_for(caches, name, inputs, slots, logits), output=True)
+                bind_tensor(b, name, self._tensor_for(caches, name, inputs, slots, logits), output=True)
             bindings.append(b)
             reduce.append([slots[self.plan.slot_of[n]] for n in seg.reduce])
         result = logits.numpy() if self.options.device == "cpu" and logits is not None else logits
