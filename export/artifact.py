@@ -17,7 +17,7 @@ import onnx
 from .checkpoint import DTYPES, load_source, source_accounting, source_config
 from .config import ConfigError
 from .folders import EXTERNAL_DATA_THRESHOLD, ONNX_DTYPES, atomic_folder
-from .manifest import Manifest, RankEntry, TensorSpec, file_entry, write_manifest
+from .manifest import STD_CAPABILITIES, Manifest, RankEntry, TensorSpec, file_entry, write_manifest
 from .model import Decoder
 from .ops import ONNX_OPSET
 from .sharding import check_tp, shard
@@ -71,7 +71,7 @@ def export_artifact(source: str, out: str | Path, options: ExportOptions = Expor
             inputs=_specs(first.graph.input), outputs=_specs(first.graph.output),
             kv_layout=kv_layout(model, options), source=source,
             seed=options.seed if source.startswith("preset:") else None,
-            tokenizer=[file_entry(tmp, n) for n in tokenizer],
+            tokenizer=[file_entry(tmp, n) for n in tokenizer], capabilities=dict(STD_CAPABILITIES),
             config_fields=fields.to_dict() if fields is not None else {})
         write_manifest(tmp, manifest)
     progress(f"wrote {out} in {time.perf_counter() - started:.1f} s")

@@ -33,6 +33,21 @@ MANIFEST = "manifest.json"
 CHECKSUM = "manifest_sha256"
 
 
+# What a graph may allow its runtime; dialects declare their values (graphs/dialects.py), manifests record them.
+CAPABILITIES = {
+    "mixed_lengths": "prompts of different lengths prefill together in one right-padded batch",
+    "cache_append": "multi-token steps into a cache that already holds tokens (a chat turn appended to the history)",
+    "host_free_decode": "a one-token step reads no value on the host, so the whole step can be captured as a CUDA graph",
+}
+STD_CAPABILITIES = {"mixed_lengths": True, "cache_append": True, "host_free_decode": False}
+# artifacts written before manifests recorded capabilities
+LEGACY_CAPABILITIES = {
+    "std": STD_CAPABILITIES, "decomposed": STD_CAPABILITIES, "ort-gqa": STD_CAPABILITIES,
+    "ort-gqa-uniform": {"mixed_lengths": False, "cache_append": False, "host_free_decode": False},
+    "ort-gqa-static": {"mixed_lengths": False, "cache_append": False, "host_free_decode": True},
+}
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -75,6 +90,8 @@ class Manifest:
     passes: list[dict[str, Any]] = field(default_factory=list)
     engines: dict[str, Any] = field(default_factory=dict)
     config_fields: dict[str, list[str]] = field(default_factory=dict)  # config.json fields ignored / unknown
+    # what the graph allows its runtime (written by export / optimize from the dialect registry): see CAPABILITIES
+    capabilities: dict[str, bool] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -93,6 +110,13 @@ class Manifest:
         d["outputs"] = [TensorSpec(**t) for t in d["outputs"]]
         d["tokenizer"] = [FileEntry(**f) for f in d.get("tokenizer", [])]
         return cls(**d)
+
+    def allows(self, capability: str) -> bool:
+        """Whether the artifact's graph allows `capability` (a key of CAPABILITIES)."""
+        if capability not in CAPABILITIES:
+            raise KeyError(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
+        caps = self.capabilities or LEGACY_CAPABILITIES.get(self.dialect, {})
+        return bool(caps.get(capability, False))
 
     def rank_file(self, folder: Path, rank: int = 0) -> Path:
         return Path(folder) / self.ranks[rank].onnx.file

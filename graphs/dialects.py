@@ -12,10 +12,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..export.config import ConfigError
+from ..export.manifest import STD_CAPABILITIES
 from .passes.base import ReportingPass
 from .passes.lower_decomposed import LowerDecomposedPass
 from .passes.lower_ort_gqa import LowerOrtGqaPass
@@ -27,6 +28,8 @@ class Dialect:
     summary: str
     kv_write: str  # the manifest's kv_layout["write"]: how a step writes its K/V rows
     lowering: Callable[[bool], tuple[ReportingPass, ...]]  # debug -> passes after the std front end
+    # what the lowered graph allows its runtime (export/manifest.py CAPABILITIES), written into the manifest
+    capabilities: dict[str, bool] = field(default_factory=lambda: dict(STD_CAPABILITIES))
 
 
 DIALECTS: dict[str, Dialect] = {
@@ -40,12 +43,14 @@ DIALECTS: dict[str, Dialect] = {
         Dialect("ort-gqa-uniform", "ort-gqa without GroupQueryAttention's query_seqlens input (the 16-input form "
                 "onnxruntime < 1.32 reads, e.g. onnxruntime-gpu 1.31): prompts of one batch must have equal lengths",
                 "GroupQueryAttention(past/present shared buffer)",
-                lambda debug: (LowerOrtGqaPass(debug=debug, query_seqlens=False),)),
+                lambda debug: (LowerOrtGqaPass(debug=debug, query_seqlens=False),),
+                {"mixed_lengths": False, "cache_append": False, "host_free_decode": False}),
         Dialect("ort-gqa-static", "ort-gqa-uniform with total_sequence_length from shapes alone (max_seq at "
                 "one-token steps): the decode step onnxruntime-gpu captures as a CUDA graph; multi-token steps must "
                 "be prefills into an empty cache of equal-length prompts",
                 "GroupQueryAttention(past/present shared buffer)",
-                lambda debug: (LowerOrtGqaPass(debug=debug, query_seqlens=False, static_total=True),)),
+                lambda debug: (LowerOrtGqaPass(debug=debug, query_seqlens=False, static_total=True),),
+                {"mixed_lengths": False, "cache_append": False, "host_free_decode": True}),
         Dialect("decomposed", "ai.onnx opset 21: ScatterElements cache write, MatMul/Softmax attention",
                 "ScatterElements(axis=2)", lambda debug: (LowerDecomposedPass(debug=debug),)),
     )

@@ -1,13 +1,16 @@
-"""The decode loop: one right-padded prefill for the whole batch, then one-token decode steps.
+"""The decode loop, one for every backend: one right-padded prefill for the whole batch, then decode steps
+that stay on the backend's device (runtime/decode_step.py).
 
     prefill: input_ids_BS (right-padded), position_ids = arange(S), write_indices = 0, nonpad = len_b
-    decode:  input_ids_B1 = last token, position_ids = write_indices = len_b, nonpad = len_b + 1
+    decode:  input_ids_B1 = last token, position_ids = write_indices = len_b, nonpad = len_b + 1, advanced on
+             the device by the step itself
 
-``generate`` checks the request up front (raising GenerationError before any work), then returns an
-iterator of ``StepEvent``s, one per generated position, so callers can stream. A finished sequence
-keeps stepping (its row in the batch is rewritten at a fixed cache row, harmlessly) but emits nothing;
-the loop ends when every sequence is finished. The KV cache lives in the backend's buffers and is never
-copied; the only per-step host arrays are the [B] tokens / logprobs.
+``generate`` checks the request up front (``Backend.check_request`` raises GenerationError before any work),
+then returns an iterator of ``StepEvent``s, one per generated position, so callers can stream. On CUDA the host
+is one step behind the device: it launches step k+1 before it reads the tokens of step k (through pinned memory
+and an event), so the device never waits for the host; on the CPU it reads each step as it ends. It applies EOS / stop sequences / the token budget, and stops launching when every
+sequence is finished, so a finished batch costs at most one extra step. The KV cache lives in the backend's
+buffers and is never copied; the only per-step host arrays are the [B] tokens / logprobs.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from .backend import Backend, StepState
-from .sampler import Sampler, SamplingConfig
-from .sampler_graph import GraphedSampling, capturable
+from .decode_step import DecodeStep
+from .sampler import SamplingConfig
 from .stopping import FinishReason, GenerationError, StopCriteria
 
 __all__ = ["GenerationError", "GenerationResult", "StepEvent", "check_request", "generate", "generate_ids",
@@ -67,28 +70,7 @@ class GenerationResult:
 
 def check_request(backend: Backend, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
     """Raise GenerationError (a user error) for a request the artifact cannot serve."""
-    m = backend.manifest
-    if len(prompts) == 0:
-        raise GenerationError("no prompts given; pass at least one prompt")
-    if len(prompts) > m.max_batch:
-        raise GenerationError(f"{len(prompts)} prompts exceed the artifact's max_batch {m.max_batch}; "
-                              f"re-export with --max-batch {len(prompts)} or pass fewer prompts")
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if m.dialect in ("ort-gqa-uniform", "ort-gqa-static") and len({len(p) for p in prompts}) > 1:
-        raise GenerationError(f"this {m.dialect} artifact needs prompts of equal length in one batch; "
-                              "re-optimize with --dialect ort-gqa (onnxruntime >= 1.32) or std")
-    vocab = m.config.vocab_size
-    for b, p in enumerate(prompts):
-        if len(p) == 0:
-            raise GenerationError(f"prompt {b} is empty; every prompt needs at least one token")
-        if len(p) + max_new_tokens > m.max_seq:
-            raise GenerationError(f"prompt of {len(p)} tokens + {max_new_tokens} new tokens exceeds the artifact's "
-                                  f"max_seq {m.max_seq}; re-export with --max-seq {len(p) + max_new_tokens} "
-                                  f"or lower --max-new-tokens / shorten the prompt")
-        bad = [int(t) for t in p if not 0 <= int(t) < vocab]
-        if bad:
-            raise GenerationError(f"prompt {b} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    backend.check_request(prompts, max_new_tokens)
 
 
 def generate(backend: Backend, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
@@ -101,7 +83,7 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], max_new_tokens:
     state: a StepState of ``backend.allocate(len(prompts))`` to reuse (stale cache rows are masked); on the
     ort backend with CUDA graphs a state keeps its captured decode graph, so reusing one skips the capture.
     """
-    check_request(backend, prompts, max_new_tokens)
+    backend.check_request(prompts, max_new_tokens)
     eos = backend.manifest.config.eos_token_ids if eos_ids is None else tuple(eos_ids)
     stops = StopCriteria(len(prompts), max_new_tokens, eos, stop_sequences)
     if state is not None and state.batch != len(prompts):
@@ -126,47 +108,26 @@ def generate_ids(backend: Backend, prompts: Sequence[Sequence[int]], max_new_tok
 
 def _loop(backend: Backend, prompts: list[list[int]], sampling: SamplingConfig, stops: StopCriteria,
           state: StepState | None, pad_id: int) -> Iterator[StepEvent]:
-    B = len(prompts)
+    import torch
+
     lens_B = np.array([len(p) for p in prompts], dtype=np.int64)
-    state = state or backend.allocate(B)
-    logits = backend.step(state, *_prefill_inputs(prompts, lens_B, pad_id))
-    sampler = _sampler(sampling, logits, B, backend.manifest.config.vocab_size)
-    sampler.reset(prompts)
-    last_BV = _last_valid(logits, lens_B)
-    # decode inputs, written in place every step
-    ids_B1 = np.empty((B, 1), dtype=np.int64)
-    pos_B1 = np.empty((B, 1), dtype=np.int64)
-    write_B = np.empty(B, dtype=np.int64)
-    nonpad_B = np.empty(B, dtype=np.int64)
-    length_B = lens_B.copy()  # rows of valid cache per sequence
-    graphed, first_ptr = None, None  # CUDA: decode sampling, captured once the logits buffer proves fixed
-    step = 0
+    state = state or backend.allocate(len(prompts))
+    with torch.no_grad():
+        logits = backend.step(state, *_prefill_inputs(prompts, lens_B, pad_id))
+        step = DecodeStep.of(backend, state, sampling)
+        step.start(prompts, _last_valid(_as_torch(logits), lens_B), lens_B)
+    queued, k = 1, 0  # positions whose tokens are on their way to the host; position 0 comes from the prefill
     while True:
+        while queued < stops.max_new_tokens and queued <= k + step.channel.lookahead:
+            step.advance()  # on CUDA launched before the host reads position k: the device runs one step ahead
+            queued += 1
+        tokens_B, logprobs_B = step.channel.pop()
         active_B = ~stops.finished
-        if step == 1 and capturable(sampler, last_BV):
-            first_ptr = last_BV.data_ptr()
-        elif step == 2 and first_ptr is not None and first_ptr == last_BV.data_ptr():
-            # the decode logits buffer is fixed (a backend returning a new tensor per step stays eager)
-            graphed = GraphedSampling(sampler, last_BV)
-        if graphed is not None and graphed.reads(last_BV):
-            tokens_B, logprobs_B = graphed.host(active_B)
-        else:
-            result = sampler.sample(last_BV)
-            sampler.observe(result.tokens, active_B)
-            tokens_B, logprobs_B = _host(result.tokens), _host(result.logprobs)
         stops.update(tokens_B, active_B)
-        yield StepEvent(step, tokens_B, logprobs_B, active_B, stops.finished.copy(), tuple(stops.reasons))
+        yield StepEvent(k, tokens_B, logprobs_B, active_B, stops.finished.copy(), tuple(stops.reasons))
         if stops.all_finished:
             return
-        # a finished sequence rewrites row length_B[b] (past its output) each step; its length stays
-        ids_B1[:, 0] = tokens_B
-        np.copyto(write_B, length_B)
-        pos_B1[:, 0] = write_B
-        np.add(write_B, 1, out=nonpad_B)
-        length_B += ~stops.finished
-        logits = backend.step(state, ids_B1, pos_B1, write_B, nonpad_B)
-        last_BV = logits[:, 0]
-        step += 1
+        k += 1
 
 
 def _prefill_inputs(prompts: list[list[int]], lens_B: np.ndarray, pad_id: int):
@@ -182,19 +143,13 @@ def _last_valid(logits: Any, lens_B: np.ndarray) -> Any:
     """[B, V] logits of each sequence's last prompt token, from [B, S, V] ("all") or [B, 1, V] ("last")."""
     if logits.shape[1] == 1:
         return logits[:, 0]
-    if isinstance(logits, np.ndarray):
-        return logits[np.arange(len(lens_B)), lens_B - 1]
     import torch
 
     rows = torch.arange(len(lens_B), device=logits.device)
     return logits[rows, torch.as_tensor(lens_B - 1, device=logits.device)]
 
 
-def _sampler(config: SamplingConfig, logits: Any, batch: int, vocab: int) -> Sampler:
-    if isinstance(logits, np.ndarray):
-        return Sampler(config, batch, vocab, backend="numpy")
-    return Sampler(config, batch, vocab, backend="torch", device=logits.device)
+def _as_torch(logits: Any) -> Any:
+    import torch
 
-
-def _host(x: Any) -> np.ndarray:
-    return x if isinstance(x, np.ndarray) else x.cpu().numpy()
+    return logits if isinstance(logits, torch.Tensor) else torch.from_numpy(np.asarray(logits))

@@ -1,23 +1,21 @@
 """The ONNX Runtime backend (CPU or CUDA EP), driven through IOBinding so the KV cache is never copied.
 
-Per ``allocate(batch)``: one OrtValue per cache tensor [batch, kv_heads_local, max_seq, head_dim], zero-filled
+Per ``allocate(batch)``: one buffer per cache tensor [batch, kv_heads_local, max_seq, head_dim], zero-filled
 on the device and bound as BOTH ``past_key_values.{i}.key`` and ``present.{i}.key``: TensorScatter then
-writes the step's rows into the buffer in place. Decode-shaped ([B, 1]) step inputs and the [B, 1, V] logits
-are preallocated once too, so a decode step allocates nothing; prefill binds fresh buffers of its own shape.
+writes the step's rows into the buffer in place. The decode step's inputs are the rows of one torch int64
+[4, B] tensor on the device (``StepState.inputs``) and its logits one torch [B, 1, V] tensor, both bound by
+address once, so ``run_decode`` reads what the decode loop wrote on the device and allocates nothing.
 
-On CUDA, logits come back as a torch.Tensor on the device (torch-owned buffer bound by pointer); on the CPU
-as an np.ndarray. The decode logits buffer is reused: its contents are valid until the next step.
-
-CUDA decode steps: the four [B] step inputs live in one torch buffer [4, B] on the device, filled by one
-non-blocking copy from pinned host memory on PyTorch's current stream, which ONNX Runtime is given as its
-compute stream. Where the dialect keeps every decode shape fixed and reads no length on the host
-(``GRAPH_SAFE_DIALECTS``), the decode step is captured as a CUDA graph, one per allocated state (run option
-gpu_graph_id), and replayed; prefill runs uncaptured (gpu_graph_id -1).
+CUDA: ONNX Runtime runs on a torch stream of its own (provider option user_compute_stream), on which the
+decode loop also samples and advances the inputs; decode runs skip ORT's end-of-run host wait (run option
+disable_synchronize_execution_providers), so the host never waits for a step it does not read. Where the
+artifact's dialect reads no value on the host (capability ``host_free_decode``), the decode loop captures the
+whole step (this run, the sampler, the input advance) as one torch CUDA graph (runtime/decode_step.py);
+ORT's own graph mode is not used.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,16 +24,13 @@ import numpy as np
 
 from ..export.manifest import Manifest
 from .backend import Backend, BackendError, StepState, register, resolve_options
+from .iobinding import bind_tensor
 
 from ..export.names import STEP_INPUTS, past_names, present_names  # noqa: F401 - re-exported
 
 ONNX_TYPES = {"fp32": 1, "fp16": 10, "bf16": 16}  # TensorProto element types of the cache / logits
 NUMPY_TYPES = {"fp32": np.float32, "fp16": np.float16}
 OPT_LEVELS = ("disable", "basic", "extended", "all")
-# Dialects whose decode step reads no length on the host and has fixed shapes: a captured CUDA graph stays valid
-# as the sequences grow (std's Attention and ort-gqa's GroupQueryAttention read lengths on the host each step).
-GRAPH_SAFE_DIALECTS = ("ort-gqa-static", "std+std-nononpad")
-MAX_CUDA_GRAPHS = 16  # captured decode graphs per backend (one per allocated state)
 
 
 @dataclass(frozen=True)
@@ -50,7 +45,7 @@ class OrtOptions:
     # False = that strict mode: use it to prove a graph runs on the GPU only.
     allow_cpu_fallback: bool = True
     tf32: bool = False  # CUDA: TF32 matmuls; off keeps fp32 artifacts at fp32 accuracy (5e-4 -> 3e-7 rel. error)
-    # CUDA: capture the decode step as a CUDA graph. None = where the dialect allows it (GRAPH_SAFE_DIALECTS).
+    # CUDA: capture the decode step as a CUDA graph. None = where the artifact allows it (host_free_decode).
     cuda_graph: bool | None = None
 
     def __post_init__(self) -> None:
@@ -67,19 +62,14 @@ class OrtOptions:
 
 @dataclass
 class OrtHandles:
-    """What one allocate() binds: the IOBinding, the cache OrtValues, and the preallocated decode buffers."""
+    """What one allocate() binds: the IOBinding, the cache buffers, and the decode logits buffer."""
 
     binding: Any  # onnxruntime.IOBinding
-    caches: list[Any]  # OrtValue per past name, contract order
-    decode_inputs: dict[str, Any]  # name -> OrtValue of shape [B, 1] / [B]
-    decode_host: dict[str, np.ndarray]  # name -> host array: a view of the OrtValue on CPU, a staging copy on CUDA
-    decode_logits: Any  # np.ndarray view of the bound OrtValue (CPU) or torch.Tensor (CUDA), [B, 1, V]
-    decode_logits_value: Any = None  # CPU: the bound OrtValue itself
+    caches: list[Any]  # torch tensor per past name, contract order
+    decode_logits: Any  # torch tensor [B, 1, V] bound as the decode step's logits
+    staging: Any = None  # CUDA: pinned int64 [4, B] host copy of the inputs for host-array steps
     bound: str = ""  # "decode" when the decode buffers are the bound step inputs
     keep: list[Any] = field(default_factory=list)  # prefill buffers the binding points at, kept alive
-    decode_device: Any = None  # CUDA: torch int64 [4, B] on the device the decode inputs are bound to ...
-    decode_pinned: Any = None  # ... and its pinned host staging copy
-    run_options: Any = None  # CUDA graph: RunOptions naming this state's graph
 
 
 @register("ort")
@@ -98,13 +88,12 @@ class OrtBackend(Backend):
         self.kv_shape = (int(m.kv_layout["kv_heads_local"]), m.max_seq, int(m.kv_layout["head_dim"]))
         self.vocab = m.config.vocab_size
         self.cuda_graph = self._wants_cuda_graph()
-        self._graphs = 0
-        self._prefill_run = _uncaptured_run() if self.cuda_graph else None
         self.session = create_session(m.rank_file(self.artifact, rank), self.options, cuda=self._cuda_setup())
+        self._decode_run = self._run_options(sync=False)
         self._check_io()
 
     def _wants_cuda_graph(self) -> bool:
-        safe = self.manifest.dialect in GRAPH_SAFE_DIALECTS
+        safe = self.manifest.allows("host_free_decode")
         if self.options.device != "cuda" or self.options.cuda_graph is False:
             return False
         if self.options.cuda_graph and not safe:
@@ -114,7 +103,7 @@ class OrtBackend(Backend):
         return safe
 
     def _cuda_setup(self) -> dict[str, str]:
-        """CUDA provider options: PyTorch's current stream as ORT's compute stream, and CUDA graphs when used."""
+        """CUDA provider options: a torch stream of this backend's own as ORT's compute stream."""
         if self.options.device != "cuda":
             return {}
         _require_cuda_ep()
@@ -126,9 +115,22 @@ class OrtBackend(Backend):
         if not torch.cuda.is_available():
             raise BackendError("--device cuda: PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); "
                                "use --device cpu or a CUDA build of torch")
-        self._stream = torch.cuda.current_stream(self.options.device_id)
-        return {"user_compute_stream": str(self._stream.cuda_stream), "has_user_compute_stream": "1",
-                "enable_cuda_graph": "1" if self.cuda_graph else "0"}
+        self.device = torch.device("cuda", self.options.device_id)
+        self.stream = torch.cuda.Stream(self.device)  # not the legacy default stream: graphs capture on it
+        return {"user_compute_stream": str(self.stream.cuda_stream), "has_user_compute_stream": "1",
+                "enable_cuda_graph": "0"}
+
+    def _run_options(self, sync: bool) -> Any:
+        import onnxruntime as ort
+
+        run = ort.RunOptions()
+        # ORT's own CUDA graph is never used (the loop captures whole steps); onnxruntime >= 1.32's Python layer
+        # looks this key up on every run and pays for an exception when it is missing (~150 us on a busy CPU)
+        run.add_run_config_entry("gpu_graph_id", "-1")
+        if self.options.device == "cuda" and not sync:
+            # the host does not wait at the end of the run; the stream orders ORT's kernels and the loop's
+            run.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        return run
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -163,144 +165,97 @@ class OrtBackend(Backend):
         value.update_inplace(host)
         return value
 
-    def allocate(self, batch: int) -> StepState:
-        if not 1 <= batch <= self.max_batch:
-            raise BackendError(f"batch {batch} is outside the artifact's range [1, {self.max_batch}]")
+    def _allocate(self, batch: int) -> StepState:
+        import torch
+
         binding = self.session.io_binding()
         caches = [self._zeros((batch, *self.kv_shape), self.manifest.dtype) for _ in range(2 * self.num_layers)]
-        logits, logits_value = self._decode_logits(batch)
-        if logits_value is not None:
-            binding.bind_ortvalue_output("logits", logits_value)  # logits is output 0 of every binding
-        else:
-            self._bind_torch_output(binding, logits)
+        logits = self._torch_empty((batch, 1, self.vocab))
+        bind_tensor(binding, "logits", logits, output=True)  # logits is output 0 of every binding
         for past, present, value in zip(past_names(self.num_layers), present_names(self.num_layers), caches):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-        if self.options.device == "cpu":
-            inputs, host = self._decode_inputs(batch)
-            return StepState(batch, self.max_seq, OrtHandles(binding, caches, inputs, host, logits, logits_value))
-        h = OrtHandles(binding, caches, {}, {}, logits, logits_value)
-        self._cuda_decode_inputs(h, batch)
-        return StepState(batch, self.max_seq, h)
-
-    def _decode_inputs(self, batch: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """CPU: an OrtValue per step input sharing the memory of a numpy array the step writes into."""
-        import onnxruntime as ort
-
-        values, host = {}, {}
-        for name, shape in _decode_shapes(batch).items():
-            host[name] = np.zeros(shape, dtype=np.int64)
-            values[name] = ort.OrtValue.ortvalue_from_numpy(host[name])  # shares the array's memory
-        return values, host
-
-    def _cuda_decode_inputs(self, h: OrtHandles, batch: int) -> None:
-        """CUDA: the step inputs are rows of one [4, B] device buffer, staged through pinned host memory."""
-        import onnxruntime as ort
-        import torch
-
-        h.decode_device = torch.zeros(4, batch, dtype=torch.int64, device=f"cuda:{self.options.device_id}")
-        h.decode_pinned = torch.zeros(4, batch, dtype=torch.int64, pin_memory=True)
-        for row, (name, shape) in enumerate(_decode_shapes(batch).items()):
-            h.decode_host[name] = h.decode_pinned[row].numpy().reshape(shape)  # views of the pinned rows
-            h.decode_inputs[name] = h.decode_device[row]
-        if self.cuda_graph:
-            # a graph per state: it replays this state's buffer addresses, and ORT keeps every graph (and the memory
-            # it captured) for the session's life; past MAX_CUDA_GRAPHS states decode uncaptured: reuse states
-            h.run_options = ort.RunOptions()
-            if self._graphs < MAX_CUDA_GRAPHS:
-                self._graphs += 1
-                h.run_options.add_run_config_entry("gpu_graph_id", str(self._graphs))
-            else:
-                h.run_options.add_run_config_entry("gpu_graph_id", "-1")
-                if self._graphs == MAX_CUDA_GRAPHS:
-                    self._graphs += 1
-                    warnings.warn(f"{self.artifact}: more than {MAX_CUDA_GRAPHS} states allocated on one ort backend; "
-                                  f"new ones decode without a CUDA graph (pass state= to generate to reuse one)",
-                                  stacklevel=3)
-
-    def _decode_logits(self, batch: int) -> tuple[Any, Any]:
-        shape = (batch, 1, self.vocab)
-        if self.options.device == "cpu":
-            value = self._zeros(shape, self.manifest.dtype)
-            return (value.numpy() if self.manifest.dtype in NUMPY_TYPES else None), value
-        return self._torch_empty(shape), None
+        inputs = torch.zeros(4, batch, dtype=torch.int64, device=self.device)
+        staging = torch.zeros(4, batch, dtype=torch.int64, pin_memory=True) if self.device.type == "cuda" else None
+        h = OrtHandles(binding, caches, logits, staging)
+        return StepState(batch, self.max_seq, h, inputs)
 
     def _torch_empty(self, shape: tuple[int, ...]) -> Any:
         import torch
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.manifest.dtype]
-        return torch.empty(shape, dtype=dtype, device=f"cuda:{self.options.device_id}")
-
-    def _bind_torch_output(self, binding: Any, tensor: Any) -> None:
-        binding.bind_output("logits", "cuda", self.options.device_id, ONNX_TYPES[self.manifest.dtype],
-                            list(tensor.shape), tensor.data_ptr())
+        return torch.zeros(shape, dtype=dtype, device=self.device)
 
     # -------------------------------------------------------------------------------------------- step
 
-    def step(self, state: StepState, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
-             nonpad_kv_seqlen: np.ndarray) -> Any:
+    def run_decode(self, state: StepState) -> Any:
+        """One decode step reading ``state.inputs`` on the device; returns the [B, 1, V] logits buffer (the same
+        tensor every step). On CUDA the host does not wait for it: work that reads it goes on ``stream``."""
         h: OrtHandles = state.handles
-        arrays = dict(zip(STEP_INPUTS, (input_ids, position_ids, write_indices, nonpad_kv_seqlen)))
-        B, S = input_ids.shape
-        if B != state.batch:
-            raise BackendError(f"step got batch {B} but the state was allocated for batch {state.batch}")
-        if S == 1:
-            logits = self._bind_decode(h, arrays)
-            run = h.run_options
-        else:
-            logits = self._bind_prefill(h, arrays, B, S)
-            run = self._prefill_run
-        if self.options.device == "cuda":
-            # torch's copies (and the caller's sampling) are done before ORT reads; ORT syncs the stream at its end
-            self._stream.synchronize()
-        self.session.run_with_iobinding(h.binding, run)
-        return logits
-
-    def _bind_decode(self, h: OrtHandles, arrays: dict[str, np.ndarray]) -> Any:
-        for name, a in arrays.items():
-            np.copyto(h.decode_host[name], a.reshape(h.decode_host[name].shape), casting="same_kind")
-        if h.decode_device is not None:
-            import torch
-
-            with torch.cuda.stream(self._stream):
-                h.decode_device.copy_(h.decode_pinned, non_blocking=True)
         if h.bound != "decode":
-            for name, value in h.decode_inputs.items():
-                if h.decode_device is None:
-                    h.binding.bind_ortvalue_input(name, value)
-                else:
-                    h.binding.bind_input(name, "cuda", self.options.device_id, 7,  # TensorProto INT64
-                                         list(h.decode_host[name].shape), value.data_ptr())
-            self._rebind_decode_logits(h)
-            h.bound = "decode"
+            self._bind_decode(h, state.inputs)
+        self.session.run_with_iobinding(h.binding, self._decode_run)
         return h.decode_logits
 
-    def _rebind_decode_logits(self, h: OrtHandles) -> None:
-        if h.decode_logits_value is not None:
-            h.binding.bind_ortvalue_output("logits", h.decode_logits_value)
-        else:
-            self._bind_torch_output(h.binding, h.decode_logits)
+    def capturable(self, state: StepState) -> bool:
+        return self.cuda_graph
 
-    def _bind_prefill(self, h: OrtHandles, arrays: dict[str, np.ndarray], B: int, S: int) -> Any:
+    def _bind_decode(self, h: OrtHandles, inputs: Any) -> None:
+        B = inputs.shape[1]
+        for row, name in enumerate(STEP_INPUTS):
+            view = inputs[row].view(B, 1) if name in ("input_ids", "position_ids") else inputs[row]
+            bind_tensor(h.binding, name, view, output=False)
+        bind_tensor(h.binding, "logits", h.decode_logits, output=True)
+        h.keep.clear()
+        h.bound = "decode"
+
+    def _step(self, state: StepState, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
+              nonpad_kv_seqlen: np.ndarray) -> Any:
+        h: OrtHandles = state.handles
+        arrays = (input_ids, position_ids, write_indices, nonpad_kv_seqlen)
+        B, S = input_ids.shape
+        if self.device.type == "cuda":
+            import torch
+
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the caller's work on the inputs
+        if S == 1:
+            self._stage_decode(state, arrays)
+            logits = h.decode_logits
+        else:
+            logits = self._bind_prefill(h, arrays, B, S)
+        self.session.run_with_iobinding(h.binding)  # ORT waits for its stream at the end: results are ready
+        if self.device.type == "cuda":
+            return logits
+        return (logits.float() if self.manifest.dtype == "bf16" else logits).numpy()  # numpy has no bfloat16
+
+    def _stage_decode(self, state: StepState, arrays: tuple[np.ndarray, ...]) -> None:
+        """Host arrays into the decode inputs (CPU: in place; CUDA: through pinned memory on the stream)."""
+        import torch
+
+        h: OrtHandles = state.handles
+        target = state.inputs if h.staging is None else h.staging
+        for row, a in enumerate(arrays):
+            target[row].copy_(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64).reshape(-1)))
+        if h.staging is not None:
+            with torch.cuda.stream(self.stream):
+                state.inputs.copy_(h.staging, non_blocking=True)
+        if h.bound != "decode":
+            self._bind_decode(h, state.inputs)
+
+    def _bind_prefill(self, h: OrtHandles, arrays: tuple[np.ndarray, ...], B: int, S: int) -> Any:
         import onnxruntime as ort
 
         h.keep.clear()
-        for name, a in arrays.items():
+        for name, a in zip(STEP_INPUTS, arrays):
             value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, dtype=np.int64), *self._dev)
             h.binding.bind_ortvalue_input(name, value)
             h.keep.append(value)  # on the CPU the OrtValue holds the array the binding reads
         h.bound = "prefill"
-        if self.manifest.logits == "last":  # [B, 1, V] whatever S is: the decode buffer serves
-            self._rebind_decode_logits(h)
-            return h.decode_logits
-        if self.options.device != "cpu":
-            logits = self._torch_empty((B, S, self.vocab))
-            self._bind_torch_output(h.binding, logits)
-            return logits
-        value = self._empty((B, S, self.vocab), self.manifest.dtype)
-        h.binding.bind_ortvalue_output("logits", value)
-        h.keep.append(value)
-        return value.numpy() if self.manifest.dtype in NUMPY_TYPES else value
+        # [B, 1, V] whatever S is for logits "last": the decode buffer serves
+        logits = h.decode_logits if self.manifest.logits == "last" else self._torch_empty((B, S, self.vocab))
+        bind_tensor(h.binding, "logits", logits, output=True)
+        h.keep.append(logits)
+        return logits
 
     # ------------------------------------------------------------------------------------ introspection
 
@@ -317,15 +272,6 @@ class OrtBackend(Backend):
         self.session = None
 
 
-def _uncaptured_run() -> Any:
-    """RunOptions of a step ORT must run, not capture or replay (gpu_graph_id -1)."""
-    import onnxruntime as ort
-
-    run = ort.RunOptions()
-    run.add_run_config_entry("gpu_graph_id", "-1")
-    return run
-
-
 def _require_cuda_ep() -> None:
     try:
         import onnxruntime as ort
@@ -335,11 +281,6 @@ def _require_cuda_ep() -> None:
         raise BackendError(f"onnxruntime {ort.__version__} has no CUDA execution provider "
                            f"(available: {', '.join(ort.get_available_providers())}); "
                            f"install onnxruntime-gpu (pip install onnxruntime-gpu) or use --device cpu")
-
-
-def _decode_shapes(batch: int) -> dict[str, tuple[int, ...]]:
-    return {"input_ids": (batch, 1), "position_ids": (batch, 1), "write_indices": (batch,),
-            "nonpad_kv_seqlen": (batch,)}
 
 
 def create_session(model: Path | bytes, options: OrtOptions, config: dict[str, str] | None = None,

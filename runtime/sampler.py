@@ -53,6 +53,7 @@ class SamplingConfig:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    logprobs: bool = True  # False: the caller reads no log-probs (NaN where skipped: greedy skips the log-softmax)
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -74,6 +75,8 @@ class SamplingConfig:
             v = getattr(self, name)
             if not -MAX_OPENAI_PENALTY <= v <= MAX_OPENAI_PENALTY:
                 raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs must be True or False, got {self.logprobs!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be None or an int in [0, 2**63), got {self.seed!r}")
 
@@ -353,6 +356,8 @@ class Sampler:
     def sample(self, logits: Array) -> SampleResult:
         """Process ``logits`` [batch, vocab] (see module docstring) and pick one token per row."""
         cfg, st = self.config, self._state
+        if cfg.greedy and not cfg.has_penalties and self.backend == "torch":
+            return st.argmax(logits, cfg.logprobs)  # no copy of the logits
         x = st.load(logits)
         if cfg.has_penalties:
             apply_penalties(

@@ -6,6 +6,7 @@ Nothing here reads a ``[batch, vocab]`` tensor back to the host, and nothing syn
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -21,12 +22,17 @@ def argmax_last(x: torch.Tensor) -> torch.Tensor:
     the chunk of the first maximum holds the first maximal index.
     """
     B, V = x.shape
-    chunk = next((c for c in (1024, 512, 256, 128, 64) if V % c == 0 and V // c >= 8), None)
+    chunk = _chunk(V)
     if chunk is None:
         return x.argmax(dim=-1)
     values, within = x.reshape(B, V // chunk, chunk).max(dim=-1)
     best = values.argmax(dim=-1, keepdim=True)
-    return (best * chunk + within.gather(-1, best)).squeeze(-1)
+    return torch.add(within.gather(-1, best), best, alpha=chunk).squeeze(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk(V: int) -> int | None:
+    return next((c for c in (1024, 512, 256, 128, 64) if V % c == 0 and V // c >= 8), None)
 
 
 def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -106,6 +112,7 @@ class TorchState:
         self._e = torch.empty_like(self._x)
         self._q = torch.empty_like(self._x)
         self._rows = torch.arange(batch, device=self.device)
+        self._nan = torch.full((batch,), float("nan"), device=self.device)
         self._seed = seed
         self._gen = torch.Generator(device=self.device)
         self._reseed()
@@ -140,15 +147,34 @@ class TorchState:
         # one scatter-add into the flat counts (index_put_ with accumulate sorts its indices on CUDA)
         self.counts.view(-1).scatter_add_(0, self._rows * self.counts.shape[1] + tok, inc)
 
-    def load(self, logits: Any) -> torch.Tensor:
+    def _check(self, logits: Any) -> None:
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
             raise ValueError(f"torch backend needs a float torch.Tensor, got {type(logits).__name__}")
-        if tuple(logits.shape) != tuple(self._x.shape):
+        if logits.shape != self._x.shape:
             raise ValueError(f"logits must have shape {tuple(self._x.shape)}, got {tuple(logits.shape)}")
         if logits.device != self.device:
             raise ValueError(f"logits are on {logits.device}, sampler state is on {self.device}")
+
+    def load(self, logits: Any) -> torch.Tensor:
+        self._check(logits)
         with torch.no_grad():
             return self._x.copy_(logits)
+
+    @torch.no_grad()
+    def argmax(self, logits: Any, logprobs: bool = True) -> SampleResult:
+        """Greedy without penalties, straight from the logits (any float dtype): the argmax (first index on ties)
+        and, with ``logprobs``, its log-probability under softmax(logits) in fp32 (else NaN)."""
+        self._check(logits)
+        if not logprobs:  # one pass on the CPU (first maximal index); two stages over long rows on a GPU
+            return SampleResult(logits.argmax(dim=-1) if logits.device.type == "cpu" else argmax_last(logits),
+                                self._nan)
+        x = logits if logits.dtype == torch.float32 else logits.float()
+        if x.device.type == "cpu":
+            best, tok = x.max(dim=-1)  # one pass; the first maximal index
+        else:
+            tok = argmax_last(x)
+            best = x.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+        return SampleResult(tok, best - torch.logsumexp(x, dim=-1))
 
     @staticmethod
     def drop(x: torch.Tensor, keep: torch.Tensor) -> None:

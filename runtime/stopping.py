@@ -35,12 +35,20 @@ class StopCriteria:
     def update(self, tokens: np.ndarray, active: np.ndarray) -> None:
         """Account tokens[b] for every active sequence b and mark the ones that finish with it."""
         self.generated += active
-        is_eos = np.isin(tokens, self.eos_ids) if self.eos_ids.size else np.zeros_like(active)
-        for b in np.flatnonzero(active):
-            reason = self._reason(int(b), int(tokens[b]), bool(is_eos[b]))
-            if reason is not None:
-                self.finished[b] = True
-                self.reasons[b] = reason
+        if self.stop_sequences:  # per row: the tails need every token in order
+            is_eos = (tokens[:, None] == self.eos_ids).any(axis=1)
+            for b in np.flatnonzero(active):
+                reason = self._reason(int(b), int(tokens[b]), bool(is_eos[b]))
+                if reason is not None:
+                    self.finished[b] = True
+                    self.reasons[b] = reason
+            return
+        eos = active & (tokens[:, None] == self.eos_ids).any(axis=1)  # vectorized: EOS first, then the budget
+        length = active & ~eos & (self.generated >= self.max_new_tokens)
+        if eos.any() or length.any():
+            for b in np.flatnonzero(eos | length):
+                self.reasons[b] = "eos" if eos[b] else "length"
+            self.finished |= eos | length
 
     def _reason(self, b: int, token: int, is_eos: bool) -> FinishReason | None:
         if is_eos:

@@ -42,15 +42,13 @@ class TorchBackend(Backend):
         self.device = _device(self.options.device)
         self.model = _rebuild(self.artifact, m, self.options).to(self.device)
 
-    def allocate(self, batch: int) -> StepState:
-        if not 1 <= batch <= self.max_batch:
-            raise BackendError(f"batch {batch} is outside the artifact's range [1, {self.max_batch}]")
+    def _allocate(self, batch: int) -> StepState:
         with torch.inference_mode():
             cache = self.model.new_cache(batch, self.max_seq, self.device)
         return StepState(batch, self.max_seq, cache)
 
-    def step(self, state: StepState, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
-             nonpad_kv_seqlen: np.ndarray) -> Any:
+    def _step(self, state: StepState, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
+              nonpad_kv_seqlen: np.ndarray) -> Any:
         args = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
                 for a in (input_ids, position_ids, write_indices, nonpad_kv_seqlen)]
         with torch.inference_mode():
@@ -58,6 +56,13 @@ class TorchBackend(Backend):
         if self.device.type != "cpu":
             return logits
         return (logits.float() if logits.dtype == torch.bfloat16 else logits).numpy()  # numpy has no bfloat16
+
+    def run_decode(self, state: StepState) -> Any:
+        """A decode step straight from the device inputs (no host round trip); a new logits tensor each step."""
+        ids, pos, write, nonpad = state.inputs
+        with torch.inference_mode():
+            logits, _ = self.model(ids[:, None], pos[:, None], write, nonpad, state.handles, self.manifest.logits)
+        return logits
 
     def caches(self, state: StepState) -> list[Any]:
         """The live cache tensors in contract order (past_key_values.0.key, .0.value, 1.key, ...)."""

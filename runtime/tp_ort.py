@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import TpError  # noqa: F401 - re-exported
 from ..export.manifest import Manifest
 from .backend import Backend, BackendError, StepState, register, resolve_options
+from .iobinding import bind_tensor
 from .ort_backend import STEP_INPUTS, OrtOptions, create_session
 
 TORCH_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
@@ -194,6 +195,7 @@ class TpOrtBackend(Backend):
         if self.options.device == "cuda":
             self.options = _on_torch_stream(self.options)
             self.group.device = f"cuda:{self.options.device_id}"
+            self.device = self._torch().device(self.group.device)
         self.partition = partition or cut(ir.load(str(self.manifest.rank_file(self.artifact, self.rank))))
         self.plan = plan_storage(self.partition)
         self.run_options = self._run_options()
@@ -246,21 +248,14 @@ class TpOrtBackend(Backend):
                           f"cannot size its buffer") from None
         return torch.empty(shape, dtype=getattr(torch, TORCH_DTYPES[info.dtype]), device=self.group.device)
 
-    def _bind(self, binding: Any, name: str, t: Any, output: bool) -> None:
-        dev = "cpu" if self.options.device == "cpu" else "cuda"
-        fn = binding.bind_output if output else binding.bind_input
-        fn(name, dev, self.options.device_id, self.partition.tensors[name].dtype, list(t.shape), t.data_ptr())
-
     # ---------------------------------------------------------------------------------------- allocation
 
-    def allocate(self, batch: int) -> StepState:
-        if not 1 <= batch <= self.max_batch:
-            raise BackendError(f"batch {batch} is outside the artifact's range [1, {self.max_batch}]")
+    def _allocate(self, batch: int) -> StepState:
         if self.rank == 0 and self.group.world > 1:
             self._send(OP_ALLOCATE, batch, 0, None)
-        return self._allocate(batch)
+        return self._local_allocate(batch)
 
-    def _allocate(self, batch: int) -> StepState:
+    def _local_allocate(self, batch: int) -> StepState:
         caches = {}
         for name in self.partition.graph_inputs:
             if name.startswith("past_key_values."):
@@ -289,9 +284,9 @@ class TpOrtBackend(Backend):
         for seg, session in zip(self.partition.segments[:self._active], self.sessions):
             b = session.io_binding()
             for name in seg.inputs:
-                self._bind(b, name, self._tensor_for(caches, name, inputs, slots, logits), output=False)
+                bind_tensor(b, name, self._tensor_for(caches, name, inputs, slots, logits), output=False)
             for name in seg.outputs:
-                self._bind(b, name, self._tensor_for(caches, name, inputs, slots, logits), output=True)
+                bind_tensor(b, name, self._tensor_for(caches, name, inputs, slots, logits), output=True)
             bindings.append(b)
             reduce.append([slots[self.plan.slot_of[n]] for n in seg.reduce])
         result = logits.numpy() if self.options.device == "cpu" and logits is not None else logits
@@ -299,11 +294,9 @@ class TpOrtBackend(Backend):
 
     # ---------------------------------------------------------------------------------------------- step
 
-    def step(self, state: StepState, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
-             nonpad_kv_seqlen: np.ndarray) -> Any:
+    def _step(self, state: StepState, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
+              nonpad_kv_seqlen: np.ndarray) -> Any:
         B, S = input_ids.shape
-        if B != state.batch:
-            raise BackendError(f"step got batch {B} but the state was allocated for batch {state.batch}")
         arrays = (input_ids, position_ids, write_indices, nonpad_kv_seqlen)
         if self.rank == 0 and self.group.world > 1:
             self._send(OP_STEP, B, S, arrays)
@@ -380,7 +373,7 @@ class TpOrtBackend(Backend):
             if op == OP_STOP:
                 return steps
             if op == OP_ALLOCATE:
-                state = self._allocate(batch)
+                state = self._local_allocate(batch)
             elif op == OP_STEP and state is not None and arrays is not None:
                 self._run(state, arrays)
                 steps += 1

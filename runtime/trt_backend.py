@@ -101,7 +101,7 @@ class TensorRTBackend(Backend):
         for context in self.contexts.values():
             api.set_communicator(self.t, context, comm)
 
-    def allocate(self, batch: int) -> StepState:
+    def _allocate(self, batch: int) -> StepState:
         import torch
 
         max_batch = min(self.max_batch, *(p["batch"][2] for p in self.profiles))
@@ -123,8 +123,8 @@ class TensorRTBackend(Backend):
 
     # -------------------------------------------------------------------------------------------- step
 
-    def step(self, state: StepState, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
-             nonpad_kv_seqlen: np.ndarray) -> Any:
+    def _step(self, state: StepState, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
+              nonpad_kv_seqlen: np.ndarray) -> Any:
         import torch
 
         h: TrtHandles = state.handles

@@ -30,9 +30,6 @@ class BenchResult:
     bandwidth_Bps: float
     bytes_per_step: int
     roofline_fraction: float
-    # ort on cuda: decode_ms_per_token is the device-resident loop (runtime/ort_cuda.py: tokens stay on the GPU);
-    # this is the same artifact through runtime.generate, which reads every token on the host (streaming, stops)
-    generate_ms_per_token: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,20 +43,13 @@ def bench_artifact(artifact: str | Path, backend: str = "ort", device: str = "cp
     c = manifest.config
     rng = np.random.default_rng(seed)
     prompts = rng.integers(3, c.vocab_size, (batch, prompt_len)).tolist()
-    generate_ms = None
-    if backend == "ort" and device == "cuda":
-        prefill_ms, steps = _ort_cuda(artifact, prompts, new_tokens)
-        _, loop_steps = _generic(artifact, backend, device, prompts, new_tokens, backend_options or {})
-        generate_ms = _median_after(loop_steps, warmup)
-        bw = _gpu_bw()
-    else:
-        prefill_ms, steps = _generic(artifact, backend, device, prompts, new_tokens, backend_options or {})
-        bw = cpu_read_bandwidth() if device == "cpu" else _gpu_bw()
+    prefill_ms, steps = _generic(artifact, backend, device, prompts, new_tokens, backend_options or {})
+    bw = cpu_read_bandwidth() if device == "cpu" else _gpu_bw()
     decode_ms = _median_after(steps, warmup)
     moved = artifact_weight_bytes(manifest) + kv_bytes(c, manifest.dtype, batch, prompt_len + new_tokens // 2)
     return BenchResult(backend, device, manifest.dtype, batch, prompt_len, new_tokens, prefill_ms,
                        batch * prompt_len / prefill_ms * 1e3, decode_ms, batch / decode_ms * 1e3, bw, moved,
-                       moved / bw / (decode_ms / 1e3), generate_ms)
+                       moved / bw / (decode_ms / 1e3))
 
 
 def _median_after(steps: list[float], warmup: int) -> float:
@@ -73,7 +63,6 @@ def _gpu_bw() -> float:
 
 
 def _generic(artifact, backend: str, device: str, prompts, new_tokens: int, options: dict) -> tuple[float, list[float]]:
-    from ..runtime.generate import generate
     from ..runtime.pipeline import open_backend
 
     opts = dict(options)
@@ -81,27 +70,22 @@ def _generic(artifact, backend: str, device: str, prompts, new_tokens: int, opti
         opts.setdefault("device", device)
     with open_backend(artifact, backend, **opts) as runner:
         state = runner.allocate(len(prompts))
-        list(generate(runner, prompts, 4, eos_ids=(), state=state))  # warm-up: sessions, allocators
-        stamps = []
-        t0 = time.perf_counter()
-        for _ in generate(runner, prompts, new_tokens, eos_ids=(), state=state):
-            stamps.append(time.perf_counter())
-    prefill_ms = (stamps[0] - t0) * 1e3
-    return prefill_ms, [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
+        timed_generate(runner, prompts, 4, state)  # warm-up: sessions, allocators, the captured step
+        prefill_ms, steps, _ = timed_generate(runner, prompts, new_tokens, state)
+    return prefill_ms, steps
 
 
-def _ort_cuda(artifact, prompts, new_tokens: int) -> tuple[float, list[float]]:
-    import torch
+def timed_generate(runner, prompts, new_tokens: int, state=None, sampling=None) -> tuple[float, list[float], list]:
+    """The loop `decodekit generate` runs (runtime.generate: tokens streamed to the host), greedy, no early stop:
+    (ms to the first token, ms between successive tokens, the tokens per prompt)."""
+    from ..runtime.generate import generate
+    from ..runtime.sampler import SamplingConfig
 
-    from ..runtime.ort_cuda import OrtCudaDecoder
-
-    dec = OrtCudaDecoder(artifact, len(prompts))
-    dec.generate(prompts, 16)
-    torch.cuda.synchronize()
+    stamps, tokens = [], [[] for _ in prompts]
     t0 = time.perf_counter()
-    dec.prefill(prompts)
-    torch.cuda.synchronize()
-    prefill_ms = (time.perf_counter() - t0) * 1e3
-    times: list[float] = []
-    dec.generate(prompts, new_tokens, timings=times)
-    return prefill_ms, times
+    for ev in generate(runner, prompts, new_tokens, sampling or SamplingConfig(logprobs=False), eos_ids=(),
+                       state=state):
+        stamps.append(time.perf_counter())
+        for b, t in ev.new_tokens().items():
+            tokens[b].append(t)
+    return (stamps[0] - t0) * 1e3, [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])], tokens

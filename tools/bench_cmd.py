@@ -30,7 +30,5 @@ def command(artifact: str, backend: str, device: str, batch: int, prompt_len: in
         return
     click.echo(f"prefill  {r.prefill_ms:9.2f} ms   {r.prefill_tokens_per_s:10.1f} tokens/s")
     click.echo(f"decode   {r.decode_ms_per_token:9.3f} ms/step {r.decode_tokens_per_s:8.1f} tokens/s")
-    if r.generate_ms_per_token is not None:
-        click.echo(f"generate {r.generate_ms_per_token:9.3f} ms/step (runtime.generate: every token read on the host)")
     click.echo(f"roofline {r.roofline_fraction * 100:8.1f} %  ({r.bytes_per_step / 1e6:.1f} MB/step at "
                f"{r.bandwidth_Bps / 1e9:.1f} GB/s measured)")

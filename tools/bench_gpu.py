@@ -6,7 +6,7 @@
 Per model/dtype/batch: decode ms/token (median of per-step CUDA-event times after warm-up) and tokens/s for
   ort:DIALECT[:FLAG...]     decodekit's ONNX Runtime CUDA path (CUDA graph, GPU sampling, in-place cache) on the
                             std export optimized into DIALECT (or the std-nononpad variant); flags: nograph (no
-                            CUDA graph), stdprefill (prefill through the std export), int4 / int8 (weight-only,
+                            CUDA graph), int4 / int8 (weight-only,
                             block 32, symmetric; the roofline then counts the packed bytes), nofuse (keep q/k/v
                             and gate/up MatMuls apart), qkvonly (fuse q/k/v, keep gate/up apart: no Split
                             before SwiGLU), nk ([N, K] weights via FusedMatMul transB=1), untied (a tied LM head
@@ -52,7 +52,7 @@ def export_std(name: str, dtype: str, max_seq: int, work: Path) -> Path:
 
 
 VARIANTS = {"std-nononpad": "std"}  # measurement-only graph surgery (tools/bench_variants.py) on an optimized dialect
-FLAGS = {"nograph", "stdprefill", "int4", "int8", "nofuse", "qkvonly", "nk", "untied"}
+FLAGS = {"nograph", "int4", "int8", "nofuse", "qkvonly", "nk", "untied"}
 
 
 def artifact_for(std: Path, work: Path, dialect: str, flags: set[str]) -> Path:
@@ -93,17 +93,17 @@ def prompts_for(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[
     return torch.randint(3, vocab, (batch, prompt_len), generator=g).tolist()
 
 
-def run_ort(path: Path, batch: int, prompts, steps: int, graph: bool, prefill: Path | None = None) -> dict:
-    from ..runtime.ort_cuda import CudaDecodeOptions, OrtCudaDecoder
+def run_ort(path: Path, batch: int, prompts, steps: int, graph: bool) -> dict:
+    from ..runtime.ort_backend import OrtBackend
+    from .bench import timed_generate
 
-    dec = OrtCudaDecoder(path, batch, CudaDecodeOptions(cuda_graph=graph, logprobs=False), prefill_artifact=prefill)
-    dec.generate(prompts, 16)  # warm-up (+ graph capture)
-    times: list[float] = []
-    tokens = dec.generate(prompts, steps, timings=times)
-    result = {"ms": statistics.median(times[8:]), "tokens": tokens}
-    if PROFILE:
-        result["kernels"] = kernel_profile(lambda: dec.generate(prompts, 33), 32)
-    del dec
+    with OrtBackend(path, device="cuda", cuda_graph=graph) as runner:
+        state = runner.allocate(batch)
+        timed_generate(runner, prompts, 16, state)  # warm-up (+ graph capture)
+        _, times, tokens = timed_generate(runner, prompts, steps, state)
+        result = {"ms": statistics.median(times[8:]), "tokens": tokens}
+        if PROFILE:
+            result["kernels"] = kernel_profile(lambda: timed_generate(runner, prompts, 33, state), 32)
     return result
 
 
@@ -168,11 +168,17 @@ def run_torch(name: str, dtype: str, batch: int, prompts, steps: int, max_seq: i
 def prefill_logits_error(name: str, dtype: str, path: Path, prompts, max_seq: int) -> dict:
     import torch
 
-    from ..runtime.ort_cuda import CudaDecodeOptions, OrtCudaDecoder
+    import numpy as np
+
+    from ..runtime.ort_backend import OrtBackend
     from .bench_torch import TorchDecode, torch_model
 
-    dec = OrtCudaDecoder(path, len(prompts), CudaDecodeOptions(cuda_graph=False))
-    ort_logits = dec.prefill(prompts).float()
+    with OrtBackend(path, device="cuda", cuda_graph=False) as runner:
+        B, S = len(prompts), len(prompts[0])
+        ids = np.array(prompts, dtype=np.int64)
+        lens = np.full(B, S, dtype=np.int64)
+        ort_logits = runner.step(runner.allocate(B), ids, np.tile(np.arange(S), (B, 1)), np.zeros(B, np.int64),
+                                 lens)[:, -1].float()
     torch.cuda.synchronize()
     model = torch_model(preset(name), dtype, max_seq)
     ref = TorchDecode(model, len(prompts), max_seq)
@@ -227,8 +233,7 @@ def bench_one(name: str, dtype: str, batches: list[int], systems: list[str], ste
                     path = paths[system]
                     if isinstance(path, Exception):
                         raise path
-                    prefill = std if "stdprefill" in flags else None
-                    r = run_ort(path, batch, prompts, steps, "nograph" not in flags, prefill)
+                    r = run_ort(path, batch, prompts, steps, "nograph" not in flags)
                     bytes_read = artifact_weight_bytes(read_manifest(path, verify=False))
                     if bytes_read != row["weight_bytes"]:
                         r["weight_bytes"] = bytes_read

@@ -45,5 +45,6 @@ def make_variant(src: Path, dst: Path, kind: str) -> Path:
         raise ValueError(kind)
     onnx.save(prune(m), str(dst / "rank0.onnx"))
     rank = dataclasses.replace(man.ranks[0], onnx=file_entry(dst, "rank0.onnx"))
-    write_manifest(dst, dataclasses.replace(man, ranks=[rank], dialect=f"{man.dialect}+{kind}"))
+    write_manifest(dst, dataclasses.replace(man, ranks=[rank], dialect=f"{man.dialect}+{kind}",
+                                                    capabilities={**man.capabilities, "host_free_decode": True}))
     return dst

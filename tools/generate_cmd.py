@@ -48,12 +48,13 @@ def _sampling(**kw):
 @click.option("--frequency-penalty", default=0.0, show_default=True)
 @click.option("--seed", default=None, type=int, help="sampling seed (reproducible draws)")
 @click.option("--stop", multiple=True, help="stop string (repeatable), matched as a token sequence")
+@click.option("--logprobs", is_flag=True, help="compute each token's log-probability (in --json as \"logprobs\")")
 @click.option("--json", "as_json", is_flag=True,
               help='print one JSON document {"tokens": [[...]], "text": [...], "finish_reasons": [...]}')
 def command(artifact: str, backend: str, device: str, cuda_graph: bool | None, prompts: tuple[str, ...],
             ids: tuple[str, ...], max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float,
             repetition_penalty: float, presence_penalty: float, frequency_penalty: float, seed: int | None,
-            stop: tuple[str, ...], as_json: bool) -> None:
+            stop: tuple[str, ...], logprobs: bool, as_json: bool) -> None:
     """Generate tokens from ARTIFACT for --prompt texts or --ids token lists; streams a single prompt's text."""
     from ..runtime.pipeline import generate_text, open_backend
 
@@ -62,7 +63,7 @@ def command(artifact: str, backend: str, device: str, cuda_graph: bool | None, p
     prompt_ids = _parse_ids(ids) if ids else None
     sampling = _sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                          repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                         frequency_penalty=frequency_penalty, seed=seed)
+                         frequency_penalty=frequency_penalty, seed=seed, logprobs=logprobs)
     options = {"device": device} if backend in ("torch", "ort") else {}
     if cuda_graph is not None:
         if backend != "ort" or device != "cuda":
@@ -79,7 +80,10 @@ def command(artifact: str, backend: str, device: str, cuda_graph: bool | None, p
     seconds = time.perf_counter() - started
     if as_json:
         texts = result.text or [None] * len(result.output_ids)
-        click.echo(json.dumps({"tokens": result.output_ids, "text": texts, "finish_reasons": result.finish_reasons}))
+        doc = {"tokens": result.output_ids, "text": texts, "finish_reasons": result.finish_reasons}
+        if logprobs:
+            doc["logprobs"] = result.logprobs
+        click.echo(json.dumps(doc))
         return
     if stream:
         click.echo()

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     from ..export import config as C
     from ..export.artifact import ExportOptions, export_artifact
     from ..graphs.pipeline import optimize
-    from ..runtime.ort_cuda import CudaDecodeOptions, OrtCudaDecoder
+    from ..runtime.generate import generate_ids
+    from ..runtime.ort_backend import OrtBackend
     from .bench_gpu import prompts_for
     from .bench_torch import TorchDecode, torch_model
 
@@ -60,12 +61,11 @@ def main(argv: list[str] | None = None) -> None:
                              ("std", False)):
                 if d == "ort-gqa-uniform" and batch > 1:
                     continue
-                dec = OrtCudaDecoder(arts[d], batch, CudaDecodeOptions(cuda_graph=graph, logprobs=False))
-                got = dec.generate(prompts, STEPS)
+                with OrtBackend(arts[d], device="cuda", cuda_graph=graph) as runner:
+                    got = generate_ids(runner, prompts, STEPS, eos_ids=())
                 div = min(next((i for i, (x, y) in enumerate(zip(g, r)) if x != y), STEPS) for g, r in zip(got, ref))
                 print(f"head_dim {hd} batch {batch} {d:16} graph={graph!s:5}: first divergence from torch {div}",
                       flush=True)
-                del dec
 
 
 if __name__ == "__main__":
