@@ -228,7 +228,7 @@ def plot(results: list[dict], path: Path) -> None:
             for s, v in d["systems"].items() if "ms" in v]
     groups = sorted({g for g, _, _ in rows}, key=lambda g: [x for x, _, _ in rows].index(g))
     systems = ["decodekit", "decodekit:logprobs", "decodekit:eager", "genai:graph", "genai"]
-    fig, ax = plt.subplots(figsize=(2 + 2.2 * len(groups), 4))
+    fig, ax = plt.subplots(figsize=(4 + 2.2 * len(groups), 4))
     w = 0.8 / len(systems)
     for i, s in enumerate(systems):
         xs = [k + i * w for k, g in enumerate(groups) if any(r[0] == g and r[1] == s for r in rows)]
@@ -237,8 +237,8 @@ def plot(results: list[dict], path: Path) -> None:
         ax.bar(xs, ys, w, label=s)
     ax.set_xticks([k + 0.4 - w / 2 for k in range(len(groups))], groups)
     ax.set_ylabel("decode ms / step (lower is better)")
-    ax.set_title("decodekit generate loop vs onnxruntime-genai, same HF checkpoint, fp16")
-    ax.legend()
+    ax.set_title("decode loop vs onnxruntime-genai (one HF checkpoint, fp16)", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -253,7 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", default="/tmp/decodekit-gpu-decode")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot")
+    ap.add_argument("--replot", action="store_true", help="only draw --plot from an existing --out JSON")
     a = ap.parse_args(argv)
+    if a.replot:
+        plot(json.loads(Path(a.out).read_text())["results"], Path(a.plot))
+        return
     import torch
 
     work = Path(a.work)

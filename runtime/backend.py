@@ -95,28 +95,7 @@ class Backend(ABC):
         """Raise GenerationError (a user error) for a request this artifact cannot serve."""
         from .stopping import GenerationError
 
-        m = self.manifest
-        if len(prompts) == 0:
-            raise GenerationError("no prompts given; pass at least one prompt")
-        if len(prompts) > m.max_batch:
-            raise GenerationError(f"{len(prompts)} prompts exceed the artifact's max_batch {m.max_batch}; "
-                                  f"re-export with --max-batch {len(prompts)} or pass fewer prompts")
-        if max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not m.allows("mixed_lengths") and len({len(p) for p in prompts}) > 1:
-            raise GenerationError(f"this {m.dialect} artifact needs prompts of equal length in one batch; "
-                                  "re-optimize with --dialect ort-gqa (onnxruntime >= 1.32) or std")
-        vocab = m.config.vocab_size
-        for b, p in enumerate(prompts):
-            if len(p) == 0:
-                raise GenerationError(f"prompt {b} is empty; every prompt needs at least one token")
-            if len(p) + max_new_tokens > m.max_seq:
-                raise GenerationError(f"prompt of {len(p)} tokens + {max_new_tokens} new tokens exceeds the "
-                                      f"artifact's max_seq {m.max_seq}; re-export with --max-seq "
-                                      f"{len(p) + max_new_tokens} or lower --max-new-tokens / shorten the prompt")
-            bad = [int(t) for t in p if not 0 <= int(t) < vocab]
-            if bad:
-                raise GenerationError(f"prompt {b} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        check_prompts(self.manifest, prompts, max_new_tokens, GenerationError)
 
     # ------------------------------------------------------------------------------------------- device step
 
@@ -152,6 +131,33 @@ class Backend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_prompts(manifest: Manifest, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  error: type[Exception]) -> None:
+    """The one check of a request's prompts against an artifact (the decode loop and validate): raises `error`."""
+    m = manifest
+    if len(prompts) == 0:
+        raise error("no prompts given; pass at least one prompt")
+    if len(prompts) > m.max_batch:
+        raise error(f"{len(prompts)} prompts exceed the artifact's max_batch {m.max_batch}; "
+                    f"re-export with --max-batch {len(prompts)} or pass fewer prompts")
+    if max_new_tokens < 1:
+        raise error(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not m.allows("mixed_lengths") and len({len(p) for p in prompts}) > 1:
+        raise error(f"this {m.dialect} artifact needs prompts of equal length in one batch; "
+                    "re-optimize with --dialect ort-gqa (onnxruntime >= 1.32) or std")
+    vocab = m.config.vocab_size
+    for b, p in enumerate(prompts):
+        if len(p) == 0:
+            raise error(f"prompt {b} is empty; every prompt needs at least one token")
+        if len(p) + max_new_tokens > m.max_seq:
+            raise error(f"prompt of {len(p)} tokens + {max_new_tokens} new tokens exceeds the artifact's max_seq "
+                        f"{m.max_seq}; re-export with --max-seq {len(p) + max_new_tokens} or generate fewer "
+                        f"tokens / shorten the prompt")
+        bad = [int(t) for t in p if not 0 <= int(t) < vocab]
+        if bad:
+            raise error(f"prompt {b} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
 
 
 OptionsT = TypeVar("OptionsT")

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import ValidationError  # noqa: F401 - re-exported
+from ..runtime.backend import check_prompts
 
 Progress = Callable[[str], None]
 DTYPE_ORDER = ("fp32", "fp16", "bf16")  # tighter -> looser
@@ -177,22 +178,6 @@ def default_prompts(vocab: int, max_seq: int, steps: int, max_batch: int, seed: 
     rng = np.random.default_rng(seed)
     low = 3 if vocab > 3 else 0  # skip the usual pad/bos/eos ids
     return [rng.integers(low, vocab, size=n).tolist() for n in lengths]
-
-
-def check_prompts(prompts: Sequence[Sequence[int]], steps: int, max_seq: int, vocab: int) -> None:
-    """Every prompt is non-empty, in the vocabulary, and fits max_seq with ``steps`` decode steps (+1 token)."""
-    if not prompts:
-        raise ValidationError("no prompts given; pass --prompt TEXT or --ids 1,2,3 (or neither for random prompts)")
-    for b, p in enumerate(prompts):
-        if not p:
-            raise ValidationError(f"prompt {b} is empty; every prompt needs at least one token")
-        if len(p) + steps + 1 > max_seq:
-            raise ValidationError(f"prompt {b} has {len(p)} tokens; with {steps} decode steps it needs "
-                                  f"{len(p) + steps + 1} cache rows but the artifact's max_seq is {max_seq}: "
-                                  f"shorten the prompt, lower --steps, or re-export with a larger --max-seq")
-        bad = [int(t) for t in p if not 0 <= int(t) < vocab]
-        if bad:
-            raise ValidationError(f"prompt {b} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
 
 
 def encode_texts(artifact: str | Path, texts: Sequence[str]) -> list[list[int]]:
@@ -394,7 +379,7 @@ def validate(artifact: str | Path, backends: Sequence[str | BackendSpec] = ("tor
             raise ValidationError(f"{spec.artifact} holds another model than {artifact} (their configs differ); "
                                   f"compare artifacts of the same model")
     for m in [manifest, *others]:
-        check_prompts(prompts, steps, m.max_seq, m.config.vocab_size)
+        check_prompts(m, prompts, steps + 1, ValidationError)  # the prefill's token + steps decode steps
     with ExitStack() as stack:
         loading = time.perf_counter()
         runners = [_Runner(s, stack.enter_context(_open(s, artifact, device, reference_source))) for s in specs]

@@ -149,7 +149,7 @@ def test_inputs_checked_before_work(tiny: Path) -> None:
     assert all(len(p) + STEPS + 1 <= 64 and min(p) >= 3 for p in prompts)
     with pytest.raises(ValidationError, match="at least two backends"):
         validate(tiny, ["torch"])
-    with pytest.raises(ValidationError, match="max_seq is 64"):
+    with pytest.raises(ValidationError, match="exceeds the artifact's max_seq 64"):
         validate(tiny, ["torch", "ort"], prompts=[[5] * 62], steps=2)
     with pytest.raises(ValidationError, match="outside the vocabulary"):
         validate(tiny, ["torch", "ort"], prompts=[[5, 512]], steps=1)
