@@ -1,0 +1,33 @@
+"""The benchmark studies in benchmarks/ stay runnable: the CPU ones run small, the GPU ones re-plot their results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_host_overhead_runs_small(tmp_path):
+    out = tmp_path / "host.json"
+    r = _run("benchmarks/host_overhead.py", "--steps", "16", "--rounds", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"greedy (generate default)", "greedy --logprobs", "sampled top-k/top-p seeded"}
+    assert all(v["host_us"] > 0 and v["run_us"] > 0 for v in summary.values())
+
+
+def test_gpu_decode_replots_its_results(tmp_path):
+    png = tmp_path / "decode.png"
+    r = _run("benchmarks/gpu_decode.py", "--out", "results/h200_llama-3.2-1b_decode_vs_genai.json",
+             "--plot", str(png), "--replot")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert png.stat().st_size > 10_000
