@@ -55,9 +55,25 @@ def command(artifact: str, backend: str, device: str, cuda_graph: bool | None, p
             ids: tuple[str, ...], max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float,
             repetition_penalty: float, presence_penalty: float, frequency_penalty: float, seed: int | None,
             stop: tuple[str, ...], logprobs: bool, as_json: bool) -> None:
-    """Generate tokens from ARTIFACT for --prompt texts or --ids token lists; streams a single prompt's text."""
+    """Generate tokens from ARTIFACT for --prompt texts or --ids token lists; streams a single prompt's text.
+
+    Started by torchrun (RANK / WORLD_SIZE set) on a tensor-parallel artifact, each process is one rank:
+    ``torchrun --nproc-per-node 2 -m decodekit generate ARTIFACT --ids 1,2,3``."""
+    from ..runtime.launch import launched
     from ..runtime.pipeline import generate_text, open_backend
 
+    if launched():  # one rank of a tensor-parallel run; rank 0 prints, as `decodekit launch` does
+        from ..runtime.launch import DEFAULT_TIMEOUT_S, generate_worker
+        from .launch_cmd import _request
+
+        if backend != "ort":
+            raise UserError("under torchrun, generate runs the ort backend (one process per rank)")
+        generate_worker(artifact, _request(DEFAULT_TIMEOUT_S, 0, prompts=prompts, ids=ids,
+                                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                           top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                           seed=seed, stop=stop, as_json=as_json, device=device))
+        return
     if bool(prompts) == bool(ids):
         raise UserError("pass --prompt TEXT or --ids 1,2,3 (repeatable for a batch), not both or neither")
     prompt_ids = _parse_ids(ids) if ids else None

@@ -190,6 +190,16 @@ def test_torchrun_starts_the_same_workers(tp1: Path, tp2: Path) -> None:
     assert json.loads(out.stdout.strip().splitlines()[-1])["tokens"] == [_tp1_tokens(tp1)[:16]]
 
 
+def test_torchrun_runs_decodekit_generate_as_ranks(tp1: Path, tp2: Path) -> None:
+    """`torchrun --nproc-per-node 2 -m decodekit generate` (gloo): each process is a rank; 64 greedy tokens = tp=1."""
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "decodekit",
+                          "generate", str(tp2), "--ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "64",
+                          "--json"], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    assert doc["tp"] == 2 and doc["tokens"] == [_tp1_tokens(tp1)[:64]]
+
+
 def test_one_process_refuses_a_tp2_artifact(tp2: Path) -> None:
     with pytest.raises(TpError, match="decodekit launch"):
         TpOrtBackend(tp2)
