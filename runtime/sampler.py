@@ -11,8 +11,9 @@ Per step, per row, in fp32, in this order:
 
 Filters keep exactly what they promise, ties broken by lower token index: top-k keeps ``k`` tokens,
 top-p the shortest sorted prefix whose mass reaches ``p``, min-p every token with ``p_i >= min_p * p_max``.
-Every row needs at least one finite logit. The torch backend keeps all ``[batch, vocab]`` work on its device;
-only the ``[batch]`` tokens / logprobs come out, still on that device.
+Every row needs at least one finite logit. One implementation (runtime/sampler_torch.py) keeps all
+``[batch, vocab]`` work on the logits' device; only the ``[batch]`` tokens / logprobs come out, still on that
+device. ``backend="numpy"`` takes and returns numpy arrays through the same kernels (CPU tensors sharing memory).
 """
 
 from __future__ import annotations
@@ -112,11 +113,18 @@ def _torch_impl():  # noqa: ANN202 - module handle
     return sampler_torch
 
 
+def _via_torch(logits: Array, fn: Any, *args: Any) -> Array:
+    """Run a torch kernel on torch logits as they are, or on numpy logits (fp32 view) returning numpy."""
+    if _is_torch(logits):
+        return fn(logits, *args)
+    import torch
+
+    return fn(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), *args).numpy()
+
+
 def top_k_mask(logits: Array, k: int) -> Array:
     """Keep-mask of the ``k`` largest logits along the last axis (lower index wins ties); ``k <= 0`` keeps all."""
-    if _is_torch(logits):
-        return _torch_impl().top_k_mask(logits, k)
-    return _np_top_k_mask(np.asarray(logits, dtype=np.float32), k)
+    return _via_torch(logits, _torch_impl().top_k_mask, k)
 
 
 def top_p_mask(logits: Array, p: float) -> Array:
@@ -124,16 +132,12 @@ def top_p_mask(logits: Array, p: float) -> Array:
 
     ``p == 1`` keeps every token (the filter is off), zero-probability ones included.
     """
-    if _is_torch(logits):
-        return _torch_impl().top_p_mask(logits, p)
-    return _np_top_p_mask(np.asarray(logits, dtype=np.float32), p)
+    return _via_torch(logits, _torch_impl().top_p_mask, p)
 
 
 def min_p_mask(logits: Array, p: float) -> Array:
     """Keep-mask of tokens whose probability is ``>= p * max_probability``."""
-    if _is_torch(logits):
-        return _torch_impl().min_p_mask(logits, p)
-    return _np_min_p_mask(np.asarray(logits, dtype=np.float32), p)
+    return _via_torch(logits, _torch_impl().min_p_mask, p)
 
 
 def apply_penalties(
@@ -150,152 +154,16 @@ def apply_penalties(
 
     ``output_counts``: generated-token counts; ``prompt_mask``: bool, tokens present in the prompt.
     """
+    fn = _torch_impl().apply_penalties
     if _is_torch(logits):
-        fn = _torch_impl().apply_penalties
-    else:
-        fn = _np_apply_penalties
-    return fn(logits, output_counts, prompt_mask, repetition_penalty, presence_penalty, frequency_penalty, out)
+        return fn(logits, output_counts, prompt_mask, repetition_penalty, presence_penalty, frequency_penalty, out)
+    import torch
 
-
-# ------------------------------------------------------------------------------------------------ numpy kernels
-
-
-def _np_top_k_mask(x: np.ndarray, k: int) -> np.ndarray:
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    v = x.shape[-1]
-    if k == 0 or k >= v:
-        return np.ones(x.shape, dtype=bool)
-    kth = np.partition(x, v - k, axis=-1)[..., v - k : v - k + 1]
-    gt = x > kth
-    tie = x == kth
-    room = k - gt.sum(axis=-1, keepdims=True)
-    return gt | (tie & (np.cumsum(tie, axis=-1) <= room))
-
-
-def _np_softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    e /= e.sum(axis=-1, keepdims=True)
-    return e
-
-
-def _np_top_p_mask(x: np.ndarray, p: float) -> np.ndarray:
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"p must be in (0, 1], got {p}")
-    if p >= 1.0:
-        return np.ones(x.shape, dtype=bool)
-    order = np.argsort(-x, axis=-1, kind="stable")
-    cum = np.cumsum(_np_softmax(np.take_along_axis(x, order, axis=-1)), axis=-1)
-    keep_sorted = np.ones(x.shape, dtype=bool)
-    keep_sorted[..., 1:] = cum[..., :-1] < p
-    keep = np.empty_like(keep_sorted)
-    np.put_along_axis(keep, order, keep_sorted, axis=-1)
-    return keep
-
-
-def _np_min_p_mask(x: np.ndarray, p: float) -> np.ndarray:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be in [0, 1], got {p}")
-    if p == 0.0:
-        return np.ones(x.shape, dtype=bool)
-    return np.exp(x - x.max(axis=-1, keepdims=True)) >= np.float32(p)
-
-
-def _np_apply_penalties(
-    logits: np.ndarray,
-    counts: np.ndarray,
-    prompt_mask: np.ndarray | None,
-    rep: float,
-    presence: float,
-    frequency: float,
-    out: np.ndarray | None,
-) -> np.ndarray:
-    if out is None:
-        out = np.array(logits, dtype=np.float32)
-    elif out is not logits:
-        np.copyto(out, logits)
-    counts = np.asarray(counts)
-    if rep != 1.0:
-        seen = counts > 0
-        if prompt_mask is not None:
-            seen |= np.asarray(prompt_mask, dtype=bool)
-        pos = out > 0
-        np.divide(out, np.float32(rep), out=out, where=seen & pos)
-        np.multiply(out, np.float32(rep), out=out, where=seen & ~pos)
-    if presence != 0.0 or frequency != 0.0:
-        pen = counts.astype(np.float32)
-        pen *= np.float32(frequency)
-        np.add(pen, np.float32(presence), out=pen, where=counts > 0)
-        out -= pen
-    return out
-
-
-class _NumpyState:
-    """Counts, scratch buffers and RNG of the numpy backend."""
-
-    def __init__(self, batch: int, vocab: int, seed: int | None) -> None:
-        self.counts = np.zeros((batch, vocab), dtype=np.int32)
-        self.prompt_mask = np.zeros((batch, vocab), dtype=bool)
-        self._x = np.empty((batch, vocab), dtype=np.float32)
-        self._e = np.empty_like(self._x)
-        self._q = np.empty_like(self._x)
-        self._rows = np.arange(batch)
-        self._seed = seed
-        self._rng = np.random.default_rng(seed)
-
-    def reset(self, rows: list[int], cols: list[int]) -> None:
-        self.counts.fill(0)
-        self.prompt_mask.fill(False)
-        self.prompt_mask[np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)] = True
-        if self._seed is not None:
-            self._rng = np.random.default_rng(self._seed)
-
-    def observe(self, tokens: Any, active: Any | None) -> None:
-        tok = _np_tokens(tokens, self._rows.shape[0], self.counts.shape[1])
-        inc = 1 if active is None else np.asarray(active, dtype=bool).reshape(-1).astype(np.int32)
-        self.counts[self._rows, tok] += inc
-
-    def load(self, logits: Array) -> np.ndarray:
-        if not isinstance(logits, np.ndarray) or not np.issubdtype(logits.dtype, np.floating):
-            raise ValueError(f"numpy backend needs a float np.ndarray, got {type(logits).__name__}")
-        if logits.shape != self._x.shape:
-            raise ValueError(f"logits must have shape {self._x.shape}, got {logits.shape}")
-        np.copyto(self._x, logits)
-        return self._x
-
-    @staticmethod
-    def drop(x: np.ndarray, keep: np.ndarray) -> None:
-        np.copyto(x, -np.inf, where=~keep)
-
-    def _exp(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        m = x.max(axis=-1, keepdims=True)
-        np.subtract(x, m, out=self._e)
-        np.exp(self._e, out=self._e)
-        return m[:, 0], self._e.sum(axis=-1)
-
-    def _result(self, x: np.ndarray, tok: np.ndarray, m: np.ndarray, s: np.ndarray) -> SampleResult:
-        lp = x[self._rows, tok] - m - np.log(s)
-        return SampleResult(tok.astype(np.int64), lp.astype(np.float32))
-
-    def greedy(self, x: np.ndarray) -> SampleResult:
-        m, s = self._exp(x)
-        return self._result(x, x.argmax(axis=-1), m, s)
-
-    def draw(self, x: np.ndarray) -> SampleResult:
-        m, s = self._exp(x)
-        q = self._rng.standard_exponential(out=self._q, dtype=np.float32)
-        np.maximum(q, np.finfo(np.float32).tiny, out=q)
-        np.divide(self._e, q, out=q)
-        return self._result(x, q.argmax(axis=-1), m, s)
-
-
-def _np_tokens(tokens: Any, batch: int, vocab: int) -> np.ndarray:
-    tok = np.asarray(tokens).reshape(-1).astype(np.int64)
-    if tok.shape != (batch,):
-        raise ValueError(f"tokens must have shape ({batch},), got {tok.shape}")
-    if tok.size and (tok.min() < 0 or tok.max() >= vocab):
-        raise ValueError(f"token ids must be in [0, {vocab}), got min {tok.min()} max {tok.max()}")
-    return tok
+    t = torch.from_numpy  # numpy in, numpy out: views, so ``out`` is written in place
+    x = t(np.ascontiguousarray(logits, dtype=np.float32))
+    result = fn(x, t(np.asarray(output_counts)), None if prompt_mask is None else t(np.asarray(prompt_mask)),
+                repetition_penalty, presence_penalty, frequency_penalty, None if out is None else t(out))
+    return out if out is not None else result.numpy()
 
 
 # ------------------------------------------------------------------------------------------------------ sampler
@@ -320,24 +188,25 @@ class Sampler:
         self.batch_size = batch_size
         self.vocab_size = vocab_size
         self.backend = backend
-        if backend == "numpy":
-            if device not in (None, "cpu"):
-                raise ValueError(f"numpy backend runs on the cpu, got device={device!r}")
-            self._state: Any = _NumpyState(batch_size, vocab_size, config.seed)
-        elif backend == "torch":
-            self._state = _torch_impl().TorchState(batch_size, vocab_size, config.seed, device)
-        else:
+        if backend not in ("numpy", "torch"):
             raise ValueError(f"backend must be 'numpy' or 'torch', got {backend!r}")
+        if backend == "numpy" and device not in (None, "cpu"):
+            raise ValueError(f"numpy backend runs on the cpu, got device={device!r}")
+        # one implementation: the torch kernels; "numpy" means numpy arrays in and out (CPU tensors sharing memory)
+        self._state: Any = _torch_impl().TorchState(batch_size, vocab_size, config.seed, device)
+
+    def _out(self, t: Any) -> Array:
+        return t.numpy() if self.backend == "numpy" else t
 
     @property
     def output_counts(self) -> Array:
         """int32 [batch, vocab]: how often each token was generated (observed) per row."""
-        return self._state.counts
+        return self._out(self._state.counts)
 
     @property
     def prompt_mask(self) -> Array:
         """bool [batch, vocab]: tokens present in each row's prompt."""
-        return self._state.prompt_mask
+        return self._out(self._state.prompt_mask)
 
     def reset(self, prompt_ids: Sequence[Sequence[int]]) -> None:
         """Zero the state, mark prompt tokens (repetition penalty only), and re-seed when a seed is set."""
@@ -355,8 +224,18 @@ class Sampler:
 
     def sample(self, logits: Array) -> SampleResult:
         """Process ``logits`` [batch, vocab] (see module docstring) and pick one token per row."""
+        if self.backend == "torch":
+            return self._sample(logits)
+        if not isinstance(logits, np.ndarray) or not np.issubdtype(logits.dtype, np.floating):
+            raise ValueError(f"numpy backend needs a float np.ndarray, got {type(logits).__name__}")
+        import torch
+
+        result = self._sample(torch.from_numpy(np.ascontiguousarray(logits)))
+        return SampleResult(result.tokens.numpy(), result.logprobs.numpy())
+
+    def _sample(self, logits: Any) -> SampleResult:
         cfg, st = self.config, self._state
-        if cfg.greedy and not cfg.has_penalties and self.backend == "torch":
+        if cfg.greedy and not cfg.has_penalties:
             return st.argmax(logits, cfg.logprobs)  # no copy of the logits
         x = st.load(logits)
         if cfg.has_penalties:
