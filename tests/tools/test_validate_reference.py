@@ -83,4 +83,4 @@ def test_cli_backend_counts_and_torch_hint_name_cli_flags(tp1, capsys):
         main(["validate", str(tp1), "--reference-source", str(Path("/nonexistent/model")), "--steps", "1"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert info.value.code == 1 and "--reference-source" in err and err.count("torch_source=") <= 1
-    assert "(Python: torch_source=)" in err
+    assert "(torch_source= in Python)" in err
