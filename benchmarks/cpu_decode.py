@@ -1,7 +1,7 @@
 """CPU decode: what a user gets by following the README (export, then `optimize --dialect ort-gqa`, then the loop
 `decodekit generate` runs) against onnxruntime-genai's fp32 CPU build and transformers, one checkpoint.
 
-    python benchmarks/cpu_decode.py --model llama-156m --rounds 5 --threads 2 \
+    python benchmarks/cpu_decode.py --model llama-156m --rounds 5 \
         --out results/cpu_llama-156m_vs_genai.json
 
 The checkpoint is a random fp32 LlamaForCausalLM of the preset's shape. 32-token prompt, 128 greedy tokens,
@@ -64,13 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="decodekit ORT intra-op threads (0 = ORT default, as genai)")
     ap.add_argument("--work", default="/tmp/decodekit-cpu-decode")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     import torch
 
-    torch.set_num_threads(a.threads)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     hf = make_hf(a.model, work, "fp32", "cpu")
