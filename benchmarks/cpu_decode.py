@@ -7,7 +7,8 @@
 The checkpoint is a random fp32 LlamaForCausalLM of the preset's shape. 32-token prompt, 128 greedy tokens,
 batch 1; ms/token = median over steps 8.. of the time between successive tokens; rounds alternate the systems
 and the result is the median over rounds of each system's ms and of the per-round ratios. Greedy tokens are
-compared (first divergence from decodekit's).
+compared (first divergence from decodekit's). `decodekit:1thread` is the same with one ONNX Runtime intra-op
+thread: on a busy 2-core machine ORT's default (one thread per core) ran 1.8x slower than one thread.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
     prompts = torch.randint(3, vocab, (1, a.prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
     systems = {"decodekit": Decodekit(art, None, 1, logprobs=False, device="cpu", threads=a.threads),
+               "decodekit:1thread": Decodekit(art, None, 1, logprobs=False, device="cpu", threads=1),
                "genai": Genai(genai_folder(genai, 1, a.prompt_len + a.steps, None)),
                "transformers": Transformers(hf)}
     rounds: dict[str, list[float]] = {s: [] for s in systems}
@@ -100,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
                            "first_divergence_from_decodekit": first_divergence(tokens["decodekit"], tokens[s])}
                        for s, v in rounds.items()}}
     for s, v in doc["systems"].items():
-        print(f"{s:13} {v['ms_per_token']:7.2f} ms/token  decodekit is {v['speedup_of_decodekit']:.2f}x faster  "
-              f"(tokens identical for {v['first_divergence_from_decodekit']} steps)")
+        print(f"{s:18} {v['ms_per_token']:7.2f} ms/token  {v['speedup_of_decodekit']:.2f}x decodekit's time "
+              f"(median of per-round ratios)  tokens identical to decodekit's for "
+              f"{v['first_divergence_from_decodekit']} steps")
     if a.out:
         Path(a.out).write_text(json.dumps(doc, indent=1))
 
