@@ -43,6 +43,7 @@ class TokenChannel:
     def __init__(self, batch: int) -> None:
         self._queue: deque[Any] = deque()
         self._nan = np.full(batch, np.nan, dtype=np.float32)
+        self._nan.flags.writeable = False  # shared by every step without log-probs
 
     def clear(self) -> None:
         self._queue.clear()
@@ -51,7 +52,9 @@ class TokenChannel:
         self._queue.append(rows.numpy().copy())
 
     def _unpack(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return rows[0].astype(np.int64), (rows[1].astype(np.float32) if len(rows) > 1 else self._nan.copy())
+        if len(rows) == 1:  # the int64 token row itself
+            return rows[0], self._nan
+        return rows[0].astype(np.int64), rows[1].astype(np.float32)
 
     def pop(self) -> tuple[np.ndarray, np.ndarray]:
         return self._unpack(self._queue.popleft())
@@ -84,7 +87,7 @@ class CudaTokenChannel(TokenChannel):
     def pop(self) -> tuple[np.ndarray, np.ndarray]:
         slot = self._queue.popleft()
         self._events[slot].synchronize()
-        return self._unpack(self._pinned[slot].numpy())
+        return self._unpack(self._pinned[slot].numpy().copy())  # the slot is rewritten two steps later
 
 
 @contextmanager
@@ -113,6 +116,9 @@ class DecodeStep:
                                device=device)
         # what reaches the host each step: tokens + log-probs packed [2, B], or the token row of the inputs itself
         # (the copy is queued before the next step rewrites it)
+        self._ids, self._lengths = state.inputs[0], state.inputs[1:]  # views made once: the step runs per token
+        self._logits: Any = None  # the backend's last [B, 1, V] logits and its [B, V] view
+        self._logits_BV: Any = None
         self.packed = torch.zeros(2, state.batch, dtype=torch.float64, device=device) if sampling.logprobs else None
         self.sent = self.packed if sampling.logprobs else state.inputs[:1]
         self.stream = backend.stream or (torch.cuda.current_stream(device) if device.type == "cuda" else None)
@@ -170,15 +176,17 @@ class DecodeStep:
         result = self.sampler.sample(logits_BV)
         if self.config.has_penalties:
             self.sampler.observe(result.tokens)
-        self.state.inputs[0].copy_(result.tokens)
+        self._ids.copy_(result.tokens)
         if self.packed is not None:
             self.packed[0].copy_(result.tokens)
             self.packed[1].copy_(result.logprobs)
 
     def _body(self) -> Any:
         logits = self.backend.run_decode(self.state)
-        self._choose(logits[:, 0])
-        self.state.inputs[1:].add_(1)
+        if logits is not self._logits:  # a backend with a fixed logits buffer returns the same tensor each step
+            self._logits, self._logits_BV = logits, logits[:, 0]
+        self._choose(self._logits_BV)
+        self._lengths.add_(1)
         return self.sent
 
     # --------------------------------------------------------------------------------------------- capture

@@ -113,6 +113,7 @@ class TorchState:
         self._q = torch.empty_like(self._x)
         self._rows = torch.arange(batch, device=self.device)
         self._nan = torch.full((batch,), float("nan"), device=self.device)
+        self._checked: Any = None
         self._seed = seed
         self._gen = torch.Generator(device=self.device)
         self._reseed()
@@ -148,19 +149,21 @@ class TorchState:
         self.counts.view(-1).scatter_add_(0, self._rows * self.counts.shape[1] + tok, inc)
 
     def _check(self, logits: Any) -> None:
+        if logits is self._checked:  # the decode loop passes the same view of a fixed buffer every step
+            return
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
             raise ValueError(f"torch backend needs a float torch.Tensor, got {type(logits).__name__}")
         if logits.shape != self._x.shape:
             raise ValueError(f"logits must have shape {tuple(self._x.shape)}, got {tuple(logits.shape)}")
         if logits.device != self.device:
             raise ValueError(f"logits are on {logits.device}, sampler state is on {self.device}")
+        self._checked = logits
 
     def load(self, logits: Any) -> torch.Tensor:
         self._check(logits)
         with torch.no_grad():
             return self._x.copy_(logits)
 
-    @torch.no_grad()
     def argmax(self, logits: Any, logprobs: bool = True) -> SampleResult:
         """Greedy without penalties, straight from the logits (any float dtype): the argmax (first index on ties)
         and, with ``logprobs``, its log-probability under softmax(logits) in fp32 (else NaN)."""

@@ -29,6 +29,7 @@ class StopCriteria:
         tail = max((len(s) for s in self.stop_sequences), default=0)
         self._tails = [deque(maxlen=tail) for _ in range(batch)]
         self.finished = np.zeros(batch, dtype=bool)
+        self._none = np.zeros(batch, dtype=bool)
         self.generated = np.zeros(batch, dtype=np.int64)
         self.reasons: list[FinishReason | None] = [None] * batch
 
@@ -43,7 +44,8 @@ class StopCriteria:
                     self.finished[b] = True
                     self.reasons[b] = reason
             return
-        eos = active & (tokens[:, None] == self.eos_ids).any(axis=1)  # vectorized: EOS first, then the budget
+        eos = active & (tokens[:, None] == self.eos_ids).any(axis=1) if self.eos_ids.size else self._none
+        # vectorized: EOS first, then the budget
         length = active & ~eos & (self.generated >= self.max_new_tokens)
         if eos.any() or length.any():
             for b in np.flatnonzero(eos | length):
