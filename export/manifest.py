@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import verify_cache
 from .config import ModelConfig
 
 FORMAT = "decodekit-artifact"
@@ -148,7 +149,7 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
         path = _inside(folder, entry.file)
         if not path.is_file():
             raise ArtifactError(f"{folder}: {entry.file} is missing; re-export the artifact")
-        if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+        if path.stat().st_size != entry.bytes or not verify_cache.matches(path, entry.sha256):
             raise ArtifactError(f"{folder}: {entry.file} does not match its manifest checksum (modified or "
                                 f"truncated); re-export the artifact")
 

@@ -6,8 +6,11 @@ import json
 
 import click
 
+from .verify_option import verify_option
+
 
 @click.command("build")
+@verify_option
 @click.argument("artifact", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="new artifact folder (input files + engines)")
 @click.option("--backend", default="tensorrt", show_default=True, type=click.Choice(["tensorrt"]))

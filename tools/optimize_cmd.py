@@ -7,8 +7,11 @@ import json
 
 import click
 
+from .verify_option import verify_option
+
 
 @click.command("optimize")
+@verify_option
 @click.argument("artifact", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="new artifact folder to write")
 @click.option("--dialect", required=True, help="target dialect: std, ort-gqa, ort-gqa-uniform or ort-gqa-static (onnxruntime < 1.32; -static for CUDA graphs) or decomposed")
