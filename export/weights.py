@@ -1,0 +1,228 @@
+"""Where each ONNX initializer's bytes come from, and the per-rank stream of those bytes.
+
+The step graph is traced on a template model (export/trace.py: a few layers with random weights of the real
+shapes), so its initializers hold the template's values. ``bind_weights`` finds, by value, which template
+parameter (as stored, or transposed: torch.onnx folds the Linear's weight transpose) each initializer is, renames
+it ``model.{param}`` or ``model.{param}.T`` and takes it out of the graph: it becomes a weight reference that
+the writer (export/onnx_writer.py) fills from the real source. The rotary tables and shape constants stay.
+
+``rank_weights`` then yields, per rank, each weight reference with its tensor, read from the source one layer at
+a time and sliced for tensor parallelism by export/sharding.py's own rules (a layer of the source is read once
+for all ranks); nothing else of the model is ever materialized.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import onnx_ir as ir
+import torch
+
+from .checkpoint import CheckpointError, _safetensors_files, hf_name_map, random_model, torch_dtype
+from .config import ModelConfig, preset
+from .model import Decoder
+from .sharding import shard
+
+_LAYER_PARAM = re.compile(r"^layers\.(\d+)\.(.+)$")
+TRANSPOSED = ".T"
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """An initializer filled by the writer: `name` in the graph = `param` (transposed when `transpose`)."""
+
+    name: str
+    param: str
+    transpose: bool
+
+    @property
+    def layer(self) -> int | None:
+        m = _LAYER_PARAM.match(self.param)
+        return int(m.group(1)) if m else None
+
+
+def weight_name(param: str, transpose: bool) -> str:
+    return f"model.{param}{TRANSPOSED if transpose else ''}"
+
+
+def parse_weight_name(name: str) -> WeightRef:
+    param = name.removeprefix("model.")
+    transpose = param.endswith(TRANSPOSED)
+    return WeightRef(name, param.removesuffix(TRANSPOSED) if transpose else param, transpose)
+
+
+def bind_weights(model: ir.Model, template: Decoder) -> list[WeightRef]:
+    """Turn every initializer equal to a template parameter (or its transpose) into a weight reference."""
+    index: dict[tuple, list[tuple[str, bool, bytes]]] = {}
+    for param, p in template.named_parameters():
+        for transpose in ((False, True) if p.ndim == 2 else (False,)):
+            data = _bytes(p.t() if transpose else p)
+            index.setdefault(_fingerprint(tuple(p.shape[::-1] if transpose else p.shape), data), []).append(
+                (param, transpose, data))
+    refs = []
+    for value in list(model.graph.initializers.values()):
+        tensor = value.const_value
+        data = tensor.tobytes()
+        shape = tuple(tensor.shape.numpy())
+        match = [(p, t) for p, t, d in index.get(_fingerprint(shape, data), []) if d == data]
+        if not match:
+            continue  # rotary tables, shape constants: not weights
+        if len(match) > 1:
+            raise RuntimeError(f"template initializer {value.name} equals several parameters {match}; "
+                               f"the template weights must be distinct")
+        param, transpose = match[0]
+        model.graph.initializers.pop(value.name)
+        value.const_value = None
+        value.name = weight_name(param, transpose)
+        refs.append(parse_weight_name(value.name))
+    return refs
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _fingerprint(shape: tuple, data: bytes) -> tuple:
+    return shape, len(data), data[:64], data[-64:]
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """A weight reference as the graph declares it: shape and ONNX element type."""
+
+    ref: WeightRef
+    shape: tuple[int, ...]
+    elem_type: int
+
+    @property
+    def nbytes(self) -> int:
+        import math
+
+        import onnx
+
+        return math.prod(self.shape) * onnx.helper.tensor_dtype_to_np_dtype(self.elem_type).itemsize
+
+
+def weight_specs(graph: ir.Graph) -> list[WeightSpec]:
+    """The weight references of a graph, in first-use order: values read by nodes that nothing defines."""
+    defined = {v.name for v in graph.inputs} | set(graph.initializers)
+    seen: dict[str, WeightSpec] = {}
+    for node in graph:
+        for v in node.inputs:
+            if v is not None and v.producer() is None and v.name not in defined and v.name not in seen:
+                seen[v.name] = WeightSpec(parse_weight_name(v.name), tuple(int(d) for d in v.shape), int(v.dtype))
+    return list(seen.values())
+
+
+class WeightSource(Protocol):
+    """Full (unsharded) parameters by decodekit name, in the export dtype."""
+
+    def get(self, param: str) -> torch.Tensor: ...
+
+
+class ModelWeights:
+    """A model in memory (preset:NAME: random weights drawn exactly as checkpoint.random_model draws them)."""
+
+    def __init__(self, model: Decoder) -> None:
+        self.params = dict(model.named_parameters())
+
+    def get(self, param: str) -> torch.Tensor:
+        return self.params[param].detach()
+
+    @classmethod
+    def preset(cls, name: str, dtype: str, seed: int) -> "ModelWeights":
+        return cls(random_model(preset(name), dtype, seed))
+
+
+class SafetensorsWeights:
+    """A Hugging Face folder read lazily, tensor by tensor (safetensors memory-maps the files)."""
+
+    def __init__(self, folder: Path, config: ModelConfig, dtype: str) -> None:
+        from safetensors import safe_open
+
+        self.dtype = torch_dtype(dtype)
+        with torch.device("meta"):
+            self.shapes = {n: tuple(p.shape) for n, p in Decoder(config).named_parameters()}
+        expected = hf_name_map(config)
+        self.where: dict[str, tuple[object, str]] = {}
+        self._files = [safe_open(str(p), framework="pt") for p in _safetensors_files(folder)]
+        extra = []
+        for f in self._files:
+            for hf in f.keys():
+                if hf in expected:
+                    self.where[expected[hf]] = (f, hf)
+                elif not (config.tie_word_embeddings and hf == "lm_head.weight"):
+                    extra.append(hf)
+        missing = sorted(hf for hf, me in expected.items() if me not in self.where)
+        if missing or extra:
+            parts = ([f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})"] if missing else []) + \
+                    ([f"unexpected {len(extra)} tensors (e.g. {', '.join(sorted(extra)[:3])})"] if extra else [])
+            raise CheckpointError(f"{folder}: not a {config.family} checkpoint matching its config.json: "
+                                  + "; ".join(parts))
+
+    def get(self, param: str) -> torch.Tensor:
+        f, hf = self.where[param]
+        t = f.get_tensor(hf)
+        if tuple(t.shape) != self.shapes[param]:
+            raise CheckpointError(f"{hf}: expected shape {self.shapes[param]} from config.json, found {tuple(t.shape)}")
+        return t.to(self.dtype)
+
+
+def open_source(source: str, config: ModelConfig, dtype: str, seed: int) -> WeightSource:
+    if source.startswith("preset:"):
+        return ModelWeights.preset(source.removeprefix("preset:"), dtype, seed)
+    return SafetensorsWeights(Path(source), config, dtype)
+
+
+def rank_weights(refs: list[WeightRef], source: WeightSource, config: ModelConfig, tp: int
+                 ) -> Iterator[tuple[WeightRef, list[torch.Tensor]]]:
+    """Each weight reference with its tensor for every rank (index = rank), layer by layer."""
+    by_layer: dict[int | None, list[WeightRef]] = {}
+    for r in refs:
+        by_layer.setdefault(r.layer, []).append(r)
+    for layer in sorted(by_layer, key=lambda k: -1 if k is None else k):
+        group = by_layer[layer]
+        if layer is None or tp == 1:  # replicated (embedding, norms, LM head) or no slicing
+            cache = {r.param: source.get(r.param) for r in group}
+            for r in group:
+                t = _as_stored(cache[r.param], r.transpose)
+                yield r, [t] * tp
+            continue
+        ranks = [_sharded_layer(source, config, layer, rank, tp) for rank in range(tp)]
+        for r in group:
+            name = _LAYER_PARAM.match(r.param).group(2)
+            yield r, [_as_stored(params[name], r.transpose) for params in ranks]
+
+
+def _as_stored(t: torch.Tensor, transpose: bool) -> torch.Tensor:
+    return (t.t() if transpose else t).contiguous()
+
+
+def _sharded_layer(source: WeightSource, config: ModelConfig, i: int, rank: int, tp: int) -> dict[str, torch.Tensor]:
+    """Layer i's parameters for `rank`, sliced by export/sharding.py (applied to this one layer)."""
+    with torch.device("meta"):
+        holder = Decoder(_one_layer(config))
+    layer = holder.layers[0]
+    names = [n for n, _ in layer.named_parameters()]
+    layer.load_state_dict({n: source.get(f"layers.{i}.{n}") for n in names}, assign=True, strict=True)
+    shard(holder, rank, tp)
+    return {n: p.detach() for n, p in layer.named_parameters()}
+
+
+def _one_layer(config: ModelConfig) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, num_layers=1)
+
+
+def template_model(config: ModelConfig, layers: int, dtype: str, rope_positions: int, tp: int) -> Decoder:
+    """The model to trace: `layers` layers of the real shapes, random distinct weights, rank 0's slices."""
+    import dataclasses
+
+    model = random_model(dataclasses.replace(config, num_layers=layers), dtype, seed=0x5EED, rope_positions=rope_positions)
+    if tp > 1:
+        shard(model, 0, tp)
+    return model
