@@ -24,11 +24,12 @@ from .onnx_writer import OnnxWriter
 from .ops import ONNX_OPSET
 from .sharding import check_tp
 from .tokenizer import copy_tokenizer, write_tiny_tokenizer
-from .trace import trace
+from .trace import interrupt_not_swallowed, trace
 from .weights import WeightSource, WeightSpec, bind_weights, open_source, rank_weights, template_model, weight_specs
 
 
 Progress = Callable[[str], None]
+Written = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,9 @@ class ExportOptions:
 
 
 def export_artifact(source: str, out: str | Path, options: ExportOptions = ExportOptions(),
-                    progress: Progress = lambda msg: None) -> Manifest:
+                    progress: Progress = lambda msg: None, written: Written = lambda done, total: None) -> Manifest:
+    """Export SOURCE to an artifact folder at OUT; `progress` gets one message per phase, `written` the bytes
+    of weights written so far (all ranks) and their total."""
     out = Path(out)
     started = time.perf_counter()
     config = source_config(source)
@@ -63,7 +66,7 @@ def export_artifact(source: str, out: str | Path, options: ExportOptions = Expor
         progress(f"loading {source} ({options.dtype}, {config.num_parameters() / 1e6:.1f}M parameters)")
         weights = open_source(source, config, options.dtype, options.seed)
         skeleton, specs = step_graph(config, options, progress)
-        ranks = _write_ranks(skeleton, specs, weights, config, options, tmp, progress)
+        ranks = _write_ranks(skeleton, specs, weights, config, options, tmp, progress, written)
         tokenizer = _tokenizer(source, config, tmp)
         manifest = Manifest(
             config=config, dtype=options.dtype, dialect="std", opset=ONNX_OPSET, tp=options.tp,
@@ -89,18 +92,19 @@ def step_graph(config: ModelConfig, options: ExportOptions, progress: Progress =
     L = config.num_layers
     layers = min(L, TEMPLATE_LAYERS)
     progress(f"tracing rank 1/{options.tp} ({layers} of {L} layers traced, the others replicated)")
-    template = template_model(config, layers, options.dtype, options.max_seq, options.tp)
-    program = trace(template, options.max_batch, options.max_seq, options.logits)
-    model = program.model
-    bind_weights(model, template)
-    del program, template
+    with interrupt_not_swallowed():
+        template = template_model(config, layers, options.dtype, options.max_seq, options.tp)
+        program = trace(template, options.max_batch, options.max_seq, options.logits)
+        model = program.model
+        bind_weights(model, template)
+        del program, template
     if L > layers:
         replicate_layers(model, L)
     return ir_serde.serialize_model(model), weight_specs(model.graph)
 
 
 def _write_ranks(skeleton: onnx.ModelProto, specs: list[WeightSpec], weights: WeightSource, config: ModelConfig,
-                 options: ExportOptions, folder: Path, progress: Progress) -> list[RankEntry]:
+                 options: ExportOptions, folder: Path, progress: Progress, written: Written) -> list[RankEntry]:
     shapes = {s.ref.name: s.shape for s in specs}
     external = sum(s.nbytes for s in specs) > EXTERNAL_DATA_THRESHOLD
     progress("checking the graph")
@@ -108,12 +112,15 @@ def _write_ranks(skeleton: onnx.ModelProto, specs: list[WeightSpec], weights: We
     names = [f"rank{r}.onnx" for r in range(options.tp)]
     progress(f"writing {', '.join(names)}" + (" with external data" if external else ""))
     writers = [OnnxWriter(folder / n, skeleton, external) for n in names]
+    total = sum(s.nbytes for s in specs) * options.tp
+    written(0, total)
     try:
         for ref, tensors in rank_weights([s.ref for s in specs], weights, config, options.tp):
             for w, t in zip(writers, tensors):
                 if tuple(t.shape) != shapes[ref.name]:
                     raise RuntimeError(f"{ref.name}: traced shape {shapes[ref.name]}, weight {tuple(t.shape)}")
                 w.add(ref.name, t)
+            written(sum(w.written for w in writers), total)
     except BaseException:
         for w in writers:
             w.abort()

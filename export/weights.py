@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
+import numpy as np
 import onnx_ir as ir
 import torch
 
-from .checkpoint import CheckpointError, _safetensors_files, hf_name_map, random_model, torch_dtype
-from .config import ModelConfig, preset
-from .model import Decoder
+from .checkpoint import CheckpointError, _safetensors_files, hf_name_map, random_model, random_parameters, torch_dtype
+from .config import ModelConfig
+from .model import Decoder, DecoderLayer
 from .sharding import shard
 
 _LAYER_PARAM = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -56,18 +57,17 @@ def parse_weight_name(name: str) -> WeightRef:
 
 def bind_weights(model: ir.Model, template: Decoder) -> list[WeightRef]:
     """Turn every initializer equal to a template parameter (or its transpose) into a weight reference."""
-    index: dict[tuple, list[tuple[str, bool, bytes]]] = {}
-    for param, p in template.named_parameters():
+    params = dict(template.named_parameters())
+    index: dict[tuple, list[tuple[str, bool]]] = {}
+    for param, p in params.items():
         for transpose in ((False, True) if p.ndim == 2 else (False,)):
-            data = _bytes(p.t() if transpose else p)
-            index.setdefault(_fingerprint(tuple(p.shape[::-1] if transpose else p.shape), data), []).append(
-                (param, transpose, data))
+            x = p.detach().t() if transpose else p.detach()
+            index.setdefault(_fingerprint(x), []).append((param, transpose))
     refs = []
     for value in list(model.graph.initializers.values()):
-        tensor = value.const_value
-        data = tensor.tobytes()
-        shape = tuple(tensor.shape.numpy())
-        match = [(p, t) for p, t, d in index.get(_fingerprint(shape, data), []) if d == data]
+        data = value.const_value.numpy()
+        found = index.get(_fingerprint(data), [])
+        match = [(p, t) for p, t in found if _same(params[p].detach(), t, data)]
         if not match:
             continue  # rotary tables, shape constants: not weights
         if len(match) > 1:
@@ -81,12 +81,26 @@ def bind_weights(model: ir.Model, template: Decoder) -> list[WeightRef]:
     return refs
 
 
-def _bytes(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+_BITS = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32), 8: (torch.int64, np.int64)}
 
 
-def _fingerprint(shape: tuple, data: bytes) -> tuple:
-    return shape, len(data), data[:64], data[-64:]
+def _fingerprint(x: torch.Tensor | np.ndarray) -> tuple:
+    """Shape, element size and a few elements' bit patterns from both ends: cheap, unique for random weights."""
+    size = x.element_size() if isinstance(x, torch.Tensor) else x.dtype.itemsize
+    shape = tuple(x.shape)
+    if not shape:
+        return shape, size
+    ends = [x[(0,) * (len(shape) - 1)][:8], x[(-1,) * (len(shape) - 1)][-8:]]
+    if isinstance(x, torch.Tensor):
+        bits = [tuple(e.contiguous().view(_BITS[size][0]).tolist()) for e in ends]
+    else:
+        bits = [tuple(np.ascontiguousarray(e).view(_BITS[size][1]).tolist()) for e in ends]
+    return shape, size, *bits
+
+
+def _same(p: torch.Tensor, transpose: bool, data: np.ndarray) -> bool:
+    x = (p.t() if transpose else p).contiguous()
+    return x.view(torch.uint8).numpy().tobytes() == data.tobytes()
 
 
 @dataclass(frozen=True)
@@ -123,18 +137,20 @@ class WeightSource(Protocol):
     def get(self, param: str) -> torch.Tensor: ...
 
 
-class ModelWeights:
-    """A model in memory (preset:NAME: random weights drawn exactly as checkpoint.random_model draws them)."""
+class PresetWeights:
+    """preset:NAME's random weights, drawn one tensor at a time exactly as checkpoint.random_model draws them.
 
-    def __init__(self, model: Decoder) -> None:
-        self.params = dict(model.named_parameters())
+    Draws are sequential: asking for a later parameter draws (and keeps) the ones before it until asked for."""
+
+    def __init__(self, config: ModelConfig, dtype: str, seed: int) -> None:
+        self._draws = random_parameters(config, dtype, seed)
+        self._pending: dict[str, torch.Tensor] = {}
 
     def get(self, param: str) -> torch.Tensor:
-        return self.params[param].detach()
-
-    @classmethod
-    def preset(cls, name: str, dtype: str, seed: int) -> "ModelWeights":
-        return cls(random_model(preset(name), dtype, seed))
+        while param not in self._pending:
+            name, t = next(self._draws)
+            self._pending[name] = t
+        return self._pending.pop(param)
 
 
 class SafetensorsWeights:
@@ -173,25 +189,31 @@ class SafetensorsWeights:
 
 def open_source(source: str, config: ModelConfig, dtype: str, seed: int) -> WeightSource:
     if source.startswith("preset:"):
-        return ModelWeights.preset(source.removeprefix("preset:"), dtype, seed)
+        return PresetWeights(config, dtype, seed)
     return SafetensorsWeights(Path(source), config, dtype)
 
 
 def rank_weights(refs: list[WeightRef], source: WeightSource, config: ModelConfig, tp: int
                  ) -> Iterator[tuple[WeightRef, list[torch.Tensor]]]:
-    """Each weight reference with its tensor for every rank (index = rank), layer by layer."""
-    by_layer: dict[int | None, list[WeightRef]] = {}
-    for r in refs:
-        by_layer.setdefault(r.layer, []).append(r)
-    for layer in sorted(by_layer, key=lambda k: -1 if k is None else k):
-        group = by_layer[layer]
-        if layer is None or tp == 1:  # replicated (embedding, norms, LM head) or no slicing
-            cache = {r.param: source.get(r.param) for r in group}
+    """Each weight reference with its tensor for every rank (index = rank), in the model's parameter order.
+
+    Each source tensor is read once (a layer at a time under tensor parallelism, sliced for all ranks)."""
+    with torch.device("meta"):
+        order = {name: i for i, (name, _) in enumerate(Decoder(config).named_parameters())}
+    groups: list[tuple[int | None, list[WeightRef]]] = []
+    for r in sorted(refs, key=lambda r: (order[r.param], r.transpose)):
+        layer = r.layer if tp > 1 else None
+        if groups and groups[-1][0] == layer and (layer is not None or groups[-1][1][-1].param == r.param):
+            groups[-1][1].append(r)
+        else:
+            groups.append((layer, [r]))
+    for layer, group in groups:
+        if layer is None:  # one parameter, replicated on every rank (or tp=1)
+            t = source.get(group[0].param)
             for r in group:
-                t = _as_stored(cache[r.param], r.transpose)
-                yield r, [t] * tp
+                yield r, [_as_stored(t, r.transpose)] * tp
             continue
-        ranks = [_sharded_layer(source, config, layer, rank, tp) for rank in range(tp)]
+        ranks = _sharded_layer(source, config, layer, tp)
         for r in group:
             name = _LAYER_PARAM.match(r.param).group(2)
             yield r, [_as_stored(params[name], r.transpose) for params in ranks]
@@ -201,15 +223,19 @@ def _as_stored(t: torch.Tensor, transpose: bool) -> torch.Tensor:
     return (t.t() if transpose else t).contiguous()
 
 
-def _sharded_layer(source: WeightSource, config: ModelConfig, i: int, rank: int, tp: int) -> dict[str, torch.Tensor]:
-    """Layer i's parameters for `rank`, sliced by export/sharding.py (applied to this one layer)."""
+def _sharded_layer(source: WeightSource, config: ModelConfig, i: int, tp: int) -> list[dict[str, torch.Tensor]]:
+    """Layer i's parameters for every rank, sliced by export/sharding.py (applied to this one layer)."""
     with torch.device("meta"):
-        holder = Decoder(_one_layer(config))
-    layer = holder.layers[0]
-    names = [n for n, _ in layer.named_parameters()]
-    layer.load_state_dict({n: source.get(f"layers.{i}.{n}") for n in names}, assign=True, strict=True)
-    shard(holder, rank, tp)
-    return {n: p.detach() for n, p in layer.named_parameters()}
+        names = [n for n, _ in DecoderLayer(config).named_parameters()]
+    full = {n: source.get(f"layers.{i}.{n}") for n in names}
+    ranks = []
+    for rank in range(tp):
+        with torch.device("meta"):
+            holder = Decoder(_one_layer(config))
+        holder.layers[0].load_state_dict(full, assign=True, strict=True)
+        shard(holder, rank, tp)
+        ranks.append({n: p.detach() for n, p in holder.layers[0].named_parameters()})
+    return ranks
 
 
 def _one_layer(config: ModelConfig) -> ModelConfig:

@@ -22,9 +22,12 @@ def command(source: str, out: str, tp: int, dtype: str, max_batch: int, max_seq:
             force: bool, as_json: bool) -> None:
     """Export SOURCE (a Hugging Face folder or preset:NAME; preset:tiny is the default model) to ONNX."""
     from ..export.artifact import ExportOptions, export_artifact
+    from .progress import ProgressBar
 
     options = ExportOptions(tp=tp, dtype=dtype, max_batch=max_batch, max_seq=max_seq, logits=logits, force=force,
                             seed=seed)
-    manifest = export_artifact(source, out, options, progress=lambda m: click.echo(f"[export] {m}", err=True))
+    with ProgressBar("export", quiet=as_json) as bar:
+        manifest = export_artifact(source, out, options, progress=bar, written=bar.written)
+        bar.finish(out)
     if as_json:
         click.echo(json.dumps(json.loads(manifest.to_json())))
