@@ -24,7 +24,7 @@ from .onnx_writer import OnnxWriter
 from .ops import ONNX_OPSET
 from .sharding import check_tp
 from .tokenizer import copy_tokenizer, write_tiny_tokenizer
-from .trace import interrupt_not_swallowed, trace
+from .trace import trace
 from .weights import WeightSource, WeightSpec, bind_weights, open_source, rank_weights, template_model, weight_specs
 
 
@@ -92,12 +92,11 @@ def step_graph(config: ModelConfig, options: ExportOptions, progress: Progress =
     L = config.num_layers
     layers = min(L, TEMPLATE_LAYERS)
     progress(f"tracing rank 1/{options.tp} ({layers} of {L} layers traced, the others replicated)")
-    with interrupt_not_swallowed():
-        template = template_model(config, layers, options.dtype, options.max_seq, options.tp)
-        program = trace(template, options.max_batch, options.max_seq, options.logits)
-        model = program.model
-        bind_weights(model, template)
-        del program, template
+    template = template_model(config, layers, options.dtype, options.max_seq, options.tp)
+    program = trace(template, options.max_batch, options.max_seq, options.logits)
+    model = program.model
+    bind_weights(model, template)
+    del program, template
     if L > layers:
         replicate_layers(model, L)
     return ir_serde.serialize_model(model), weight_specs(model.graph)

@@ -8,8 +8,6 @@ Outputs: logits [batch, seq|1, vocab], present.{i}.key/.value (same shape as pas
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import warnings
 from typing import Literal
 
@@ -52,30 +50,6 @@ def trace(model: Decoder, max_batch: int, max_seq: int, logits: Literal["all", "
             optimize=True, verbose=False)
     program.model.ir_version = IR_VERSION
     return program
-
-
-class interrupt_not_swallowed:
-    """Ctrl-C while torch.onnx captures can surface as an ordinary capture failure, after which the exporter
-    quietly tries its next capture strategy and the export goes on. Around tracing, remember any SIGINT and
-    raise KeyboardInterrupt once the block ends normally, so an interrupted export always stops."""
-
-    def __enter__(self):
-        self._seen, self._old = False, None
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handler)
-
-    def _handler(self, signum, frame):
-        self._seen = True
-        if callable(self._old):
-            self._old(signum, frame)
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-        if self._seen and exc[0] is None:
-            raise KeyboardInterrupt
 
 
 class _quiet_torch_onnx:

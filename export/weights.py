@@ -13,6 +13,7 @@ for all ranks); nothing else of the model is ever materialized.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,22 +155,20 @@ class PresetWeights:
 
 
 class SafetensorsWeights:
-    """A Hugging Face folder read lazily, tensor by tensor (safetensors memory-maps the files)."""
+    """A Hugging Face folder read tensor by tensor with plain reads (no memory map: the pages of a mapped
+    checkpoint would count in the exporter's resident memory until the end), converted to the export dtype."""
 
     def __init__(self, folder: Path, config: ModelConfig, dtype: str) -> None:
-        from safetensors import safe_open
-
         self.dtype = torch_dtype(dtype)
         with torch.device("meta"):
             self.shapes = {n: tuple(p.shape) for n, p in Decoder(config).named_parameters()}
         expected = hf_name_map(config)
-        self.where: dict[str, tuple[object, str]] = {}
-        self._files = [safe_open(str(p), framework="pt") for p in _safetensors_files(folder)]
+        self.where: dict[str, tuple[Path, str, dict]] = {}
         extra = []
-        for f in self._files:
-            for hf in f.keys():
+        for path in _safetensors_files(folder):
+            for hf, entry in _safetensors_header(path).items():
                 if hf in expected:
-                    self.where[expected[hf]] = (f, hf)
+                    self.where[expected[hf]] = (path, hf, entry)
                 elif not (config.tie_word_embeddings and hf == "lm_head.weight"):
                     extra.append(hf)
         missing = sorted(hf for hf, me in expected.items() if me not in self.where)
@@ -180,11 +179,38 @@ class SafetensorsWeights:
                                   + "; ".join(parts))
 
     def get(self, param: str) -> torch.Tensor:
-        f, hf = self.where[param]
-        t = f.get_tensor(hf)
-        if tuple(t.shape) != self.shapes[param]:
-            raise CheckpointError(f"{hf}: expected shape {self.shapes[param]} from config.json, found {tuple(t.shape)}")
-        return t.to(self.dtype)
+        path, hf, entry = self.where[param]
+        shape = tuple(entry["shape"])
+        if shape != self.shapes[param]:
+            raise CheckpointError(f"{hf}: expected shape {self.shapes[param]} from config.json, found {shape}")
+        start, end = entry["data_offsets"]
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.seek(entry["base"] + start)
+            if f.readinto(memoryview(raw.numpy())) != end - start:
+                raise CheckpointError(f"{path}: truncated while reading {hf}")
+        return raw.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(shape).to(self.dtype)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _safetensors_header(path: Path) -> dict[str, dict]:
+    """name -> {dtype, shape, data_offsets, base} from a .safetensors file's JSON header (the format's spec:
+    an 8-byte little-endian header length, the header, then the tensors' bytes at base + offsets)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        if entry.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: {name} has dtype {entry.get('dtype')}; expected a float checkpoint "
+                                  f"({', '.join(_SAFETENSORS_DTYPES)})")
+        entry["base"] = 8 + size
+    return header
 
 
 def open_source(source: str, config: ModelConfig, dtype: str, seed: int) -> WeightSource:
