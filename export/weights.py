@@ -13,13 +13,16 @@ for all ranks); nothing else of the model is ever materialized.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 
@@ -114,10 +117,6 @@ class WeightSpec:
 
     @property
     def nbytes(self) -> int:
-        import math
-
-        import onnx
-
         return math.prod(self.shape) * onnx.helper.tensor_dtype_to_np_dtype(self.elem_type).itemsize
 
 
@@ -265,15 +264,11 @@ def _sharded_layer(source: WeightSource, config: ModelConfig, i: int, tp: int) -
 
 
 def _one_layer(config: ModelConfig) -> ModelConfig:
-    import dataclasses
-
     return dataclasses.replace(config, num_layers=1)
 
 
 def template_model(config: ModelConfig, layers: int, dtype: str, rope_positions: int, tp: int) -> Decoder:
     """The model to trace: `layers` layers of the real shapes, random distinct weights, rank 0's slices."""
-    import dataclasses
-
     model = random_model(dataclasses.replace(config, num_layers=layers), dtype, seed=0x5EED, rope_positions=rope_positions)
     if tp > 1:
         shard(model, 0, tp)
