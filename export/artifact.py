@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import onnx
+import torch
 from onnx_ir import serde as ir_serde
 
 from ..graphs.replicate import TEMPLATE_LAYERS, replicate_layers
@@ -96,6 +97,8 @@ def step_graph(config: ModelConfig, options: ExportOptions, progress: Progress =
     program = trace(template, options.max_batch, options.max_seq, options.logits)
     model = program.model
     bind_weights(model, template)
+    for p in template.parameters():  # torch keeps references to the traced parameters: free their storage
+        p.data = torch.empty(0, dtype=p.dtype)
     del program, template
     if L > layers:
         replicate_layers(model, L)

@@ -103,8 +103,10 @@ def _fingerprint(x: torch.Tensor | np.ndarray) -> tuple:
 
 
 def _same(p: torch.Tensor, transpose: bool, data: np.ndarray) -> bool:
-    x = (p.t() if transpose else p).contiguous()
-    return x.view(torch.uint8).numpy().tobytes() == data.tobytes()
+    """Bit-for-bit equality of p (or p.T) and data, through views (no copy of either)."""
+    torch_bits, np_bits = _BITS[p.element_size()]
+    x = (p.t() if transpose else p).view(torch_bits)
+    return tuple(x.shape) == data.shape and torch.equal(x, torch.from_numpy(np.ascontiguousarray(data).view(np_bits)))
 
 
 @dataclass(frozen=True)
