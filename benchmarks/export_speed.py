@@ -60,6 +60,9 @@ def make_hf_folders(work: Path) -> dict[str, Path]:
         plain = tf.LlamaForCausalLM(gguf_model.config)
         plain.load_state_dict(gguf_model.state_dict())
         plain.eval().save_pretrained(folder)
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("quantization_config", None)  # names the GGUF source; the saved weights are plain fp32
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
         tf.AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF).save_pretrained(folder)
     folders["smollm2-135m"] = folder
     for name in ("tiny", "llama-156m"):  # the genai builder saves a tokenizer with the model: lend SmolLM2's
