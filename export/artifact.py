@@ -13,9 +13,10 @@ from typing import Callable
 
 import onnx
 import torch
+import onnx_ir as ir
 from onnx_ir import serde as ir_serde
 
-from ..graphs.replicate import TEMPLATE_LAYERS, replicate_layers
+from ..graphs.replicate import TEMPLATE_LAYERS, LayerStructureError, replicate_layers
 from . import verify_cache
 from .checkpoint import DTYPES, source_config
 from .config import ConfigError, ModelConfig
@@ -89,20 +90,31 @@ def step_graph(config: ModelConfig, options: ExportOptions, progress: Progress =
     """The step graph of rank 0 without its weights (weight references named ``model.{param}[.T]``).
 
     The block is traced once: a template of at most TEMPLATE_LAYERS layers goes through torch.onnx, the other
-    layers are copies of its last one (graphs/replicate.py). Every rank has this graph; only weights differ."""
+    layers are copies of its last one (graphs/replicate.py). Every rank has this graph; only weights differ.
+    Should the traced graph not show the repeated block (a torch.onnx without module-scope metadata), all
+    layers are traced instead, as before."""
     L = config.num_layers
     layers = min(L, TEMPLATE_LAYERS)
     progress(f"tracing rank 1/{options.tp} ({layers} of {L} layers traced, the others replicated)")
+    model = _traced(config, options, layers)
+    if L > layers:
+        try:
+            replicate_layers(model, L)
+        except LayerStructureError as e:
+            progress(f"cannot replicate the traced block ({e}); tracing all {L} layers")
+            model = _traced(config, options, L)
+    return ir_serde.serialize_model(model), weight_specs(model.graph)
+
+
+def _traced(config: ModelConfig, options: ExportOptions, layers: int) -> ir.Model:
+    """A `layers`-layer trace with random distinct weights, its initializers bound to parameter names."""
     template = template_model(config, layers, options.dtype, options.max_seq, options.tp)
     program = trace(template, options.max_batch, options.max_seq, options.logits)
     model = program.model
     bind_weights(model, template)
     for p in template.parameters():  # torch keeps references to the traced parameters: free their storage
         p.data = torch.empty(0, dtype=p.dtype)
-    del program, template
-    if L > layers:
-        replicate_layers(model, L)
-    return ir_serde.serialize_model(model), weight_specs(model.graph)
+    return model
 
 
 def _write_ranks(skeleton: onnx.ModelProto, specs: list[WeightSpec], weights: WeightSource, config: ModelConfig,

@@ -134,3 +134,19 @@ def test_streamed_rank_weights_are_the_sharded_checkpoint(tmp_path):
             p = want[ref.param].detach()
             np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), (p.t() if ref.transpose else p).numpy(),
                                           err_msg=t.name)
+
+
+def test_export_falls_back_to_a_full_trace_without_layer_metadata(tmp_path, monkeypatch):
+    """No module-scope metadata (node_layer finds nothing): the exporter traces all layers and says so."""
+    import decodekit.graphs.replicate as replicate_mod
+    from decodekit.export.artifact import step_graph
+
+    config = dataclasses.replace(preset("tiny"), num_layers=4)
+    replicated, _ = step_graph(config, ExportOptions(max_seq=64, max_batch=4))
+    monkeypatch.setattr(replicate_mod, "node_layer", lambda node: None)
+    said: list[str] = []
+    full, specs = step_graph(config, ExportOptions(max_seq=64, max_batch=4), said.append)
+    assert any("tracing all 4 layers" in m for m in said)
+    assert [n.op_type for n in full.graph.node] == [n.op_type for n in replicated.graph.node]
+    assert [v.name for v in full.graph.input] == [v.name for v in replicated.graph.input]
+    assert len(specs) == 2 + 9 * 4 + 1
