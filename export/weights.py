@@ -26,7 +26,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from .checkpoint import CheckpointError, _safetensors_files, hf_name_map, random_model, random_parameters, torch_dtype
+from .checkpoint import (CheckpointError, _empty, _safetensors_files, hf_name_map, random_parameters,
+                         torch_dtype)
 from .config import ModelConfig
 from .model import Decoder, DecoderLayer
 from .sharding import shard
@@ -106,7 +107,7 @@ def _same(p: torch.Tensor, transpose: bool, data: np.ndarray) -> bool:
     """Bit-for-bit equality of p (or p.T) and data, through views (no copy of either)."""
     torch_bits, np_bits = _BITS[p.element_size()]
     x = (p.t() if transpose else p).view(torch_bits)
-    return tuple(x.shape) == data.shape and torch.equal(x, torch.from_numpy(np.ascontiguousarray(data).view(np_bits)))
+    return tuple(x.shape) == data.shape and torch.equal(x, torch.from_numpy(data.view(np_bits)))
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,12 @@ def _one_layer(config: ModelConfig) -> ModelConfig:
 
 def template_model(config: ModelConfig, layers: int, dtype: str, rope_positions: int, tp: int) -> Decoder:
     """The model to trace: `layers` layers of the real shapes, random distinct weights, rank 0's slices."""
-    model = random_model(dataclasses.replace(config, num_layers=layers), dtype, seed=0x5EED, rope_positions=rope_positions)
+    model = _empty(dataclasses.replace(config, num_layers=layers), dtype, rope_positions)
+    gen = torch.Generator().manual_seed(0x5EED)
+    with torch.no_grad():
+        for p in model.parameters():  # values only tell the parameters apart (bind_weights): uniform is cheapest
+            p.uniform_(-1.0, 1.0, generator=gen)
+    model.eval()
     if tp > 1:
         shard(model, 0, tp)
     return model
