@@ -6,26 +6,32 @@ interrupted export never leaves a half-written artifact at OUT.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import onnx
+import torch
+import onnx_ir as ir
+from onnx_ir import serde as ir_serde
 
-from .checkpoint import DTYPES, load_source, source_accounting, source_config
-from .config import ConfigError
+from ..graphs.replicate import TEMPLATE_LAYERS, LayerStructureError, replicate_layers
+from . import verify_cache
+from .checkpoint import DTYPES, source_accounting, source_config
+from .config import ConfigError, ModelConfig
 from .folders import EXTERNAL_DATA_THRESHOLD, ONNX_DTYPES, atomic_folder
 from .manifest import STD_CAPABILITIES, Manifest, RankEntry, TensorSpec, file_entry, write_manifest
-from .model import Decoder
+from .onnx_writer import OnnxWriter
 from .ops import ONNX_OPSET
-from .sharding import check_tp, shard
+from .sharding import check_tp
 from .tokenizer import copy_tokenizer, write_tiny_tokenizer
 from .trace import trace
+from .weights import WeightSource, WeightSpec, bind_weights, open_source, rank_weights, template_model, weight_specs
 
 
 Progress = Callable[[str], None]
+Written = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,9 @@ class ExportOptions:
 
 
 def export_artifact(source: str, out: str | Path, options: ExportOptions = ExportOptions(),
-                    progress: Progress = lambda msg: None) -> Manifest:
+                    progress: Progress = lambda msg: None, written: Written = lambda done, total: None) -> Manifest:
+    """Export SOURCE to an artifact folder at OUT; `progress` gets one message per phase, `written` the bytes
+    of weights written so far (all ranks) and their total."""
     out = Path(out)
     started = time.perf_counter()
     config = source_config(source)
@@ -61,55 +69,103 @@ def export_artifact(source: str, out: str | Path, options: ExportOptions = Expor
                  f"{', '.join(fields.unknown) or 'none'}")
     with atomic_folder(out, options.force, keep=[source]) as tmp:
         progress(f"loading {source} ({options.dtype}, {config.num_parameters() / 1e6:.1f}M parameters)")
-        model = load_source(source, options.dtype, rope_positions=options.max_seq, seed=options.seed)
-        ranks = [_export_rank(model, r, options, tmp, progress) for r in range(options.tp)]
-        tokenizer = _tokenizer(source, model, tmp)
-        first = onnx.load(str(tmp / ranks[0].onnx.file), load_external_data=False)
+        weights = open_source(source, config, options.dtype, options.seed)
+        skeleton, specs = step_graph(config, options, progress)
+        ranks = _write_ranks(skeleton, specs, weights, config, options, tmp, progress, written)
+        tokenizer = _tokenizer(source, config, tmp)
         manifest = Manifest(
             config=config, dtype=options.dtype, dialect="std", opset=ONNX_OPSET, tp=options.tp,
             max_batch=options.max_batch, max_seq=options.max_seq, logits=options.logits, ranks=ranks,
-            inputs=_specs(first.graph.input), outputs=_specs(first.graph.output),
-            kv_layout=kv_layout(model, options), source=source,
+            inputs=_specs(skeleton.graph.input), outputs=_specs(skeleton.graph.output),
+            kv_layout=kv_layout(config, options), source=source,
             seed=options.seed if source.startswith("preset:") else None,
             tokenizer=[file_entry(tmp, n) for n in tokenizer], capabilities=dict(STD_CAPABILITIES),
             config_fields=fields.to_dict() if fields is not None else {})
         write_manifest(tmp, manifest)
+    for rank in ranks:  # hashed while written: later opens of this artifact need not hash them again
+        for entry in [rank.onnx, *rank.external_data]:
+            verify_cache.remember(out / entry.file, entry.sha256)
     progress(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return manifest
 
 
-def kv_layout(model: Decoder, options: ExportOptions) -> dict:
-    c = model.config
+def step_graph(config: ModelConfig, options: ExportOptions, progress: Progress = lambda msg: None
+               ) -> tuple[onnx.ModelProto, list[WeightSpec]]:
+    """The step graph of rank 0 without its weights (weight references named ``model.{param}[.T]``).
+
+    The block is traced once: a template of at most TEMPLATE_LAYERS layers goes through torch.onnx, the other
+    layers are copies of its last one (graphs/replicate.py). Every rank has this graph; only weights differ.
+    Should the traced graph not show the repeated block (a torch.onnx without module-scope metadata), all
+    layers are traced instead, as before."""
+    L = config.num_layers
+    layers = min(L, TEMPLATE_LAYERS)
+    progress(f"tracing rank 1/{options.tp} ({layers} of {L} layers traced, the others replicated)")
+    model = _traced(config, options, layers)
+    if L > layers:
+        try:
+            replicate_layers(model, L)
+        except LayerStructureError as e:
+            progress(f"cannot replicate the traced block ({e}); tracing all {L} layers")
+            model = _traced(config, options, L)
+    return ir_serde.serialize_model(model), weight_specs(model.graph)
+
+
+def _traced(config: ModelConfig, options: ExportOptions, layers: int) -> ir.Model:
+    """A `layers`-layer trace with random distinct weights, its initializers bound to parameter names."""
+    template = template_model(config, layers, options.dtype, options.max_seq, options.tp)
+    program = trace(template, options.max_batch, options.max_seq, options.logits)
+    model = program.model
+    bind_weights(model, template)
+    for p in template.parameters():  # torch keeps references to the traced parameters: free their storage
+        p.data = torch.empty(0, dtype=p.dtype)
+    return model
+
+
+def _write_ranks(skeleton: onnx.ModelProto, specs: list[WeightSpec], weights: WeightSource, config: ModelConfig,
+                 options: ExportOptions, folder: Path, progress: Progress, written: Written) -> list[RankEntry]:
+    shapes = {s.ref.name: s.shape for s in specs}
+    external = sum(s.nbytes for s in specs) > EXTERNAL_DATA_THRESHOLD
+    progress("checking the graph")
+    onnx.checker.check_model(_checkable(skeleton, specs), full_check=True)
+    names = [f"rank{r}.onnx" for r in range(options.tp)]
+    progress(f"writing {', '.join(names)}" + (" with external data" if external else ""))
+    writers = [OnnxWriter(folder / n, skeleton, external) for n in names]
+    total = sum(s.nbytes for s in specs) * options.tp
+    written(0, total)
+    try:
+        for ref, tensors in rank_weights([s.ref for s in specs], weights, config, options.tp):
+            for w, t in zip(writers, tensors):
+                if tuple(t.shape) != shapes[ref.name]:
+                    raise RuntimeError(f"{ref.name}: traced shape {shapes[ref.name]}, weight {tuple(t.shape)}")
+                w.add(ref.name, t)
+            written(sum(w.written for w in writers), total)
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    entries = [w.close() for w in writers]
+    return [RankEntry(r, onnx_entry, data) for r, (onnx_entry, data) in enumerate(entries)]
+
+
+def _checkable(skeleton: onnx.ModelProto, specs: list[WeightSpec]) -> onnx.ModelProto:
+    """The skeleton with its weights as graph inputs: the checker validates nodes, types and shapes without data."""
+    model = onnx.ModelProto()
+    model.CopyFrom(skeleton)
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(s.ref.name, s.elem_type, s.shape) for s in specs)
+    return model
+
+
+def kv_layout(config: ModelConfig, options: ExportOptions) -> dict:
+    c = config
     kv_local = max(c.num_kv_heads // options.tp, 1)
     return {"layout": "batch,kv_heads,max_seq,head_dim", "num_layers": c.num_layers, "kv_heads_local": kv_local,
             "head_dim": c.head_dim, "max_seq": options.max_seq, "past": "past_key_values.{i}.key|value",
             "present": "present.{i}.key|value", "in_place": True, "write": "TensorScatter(axis=-2, linear)"}
 
 
-def _export_rank(model: Decoder, rank: int, options: ExportOptions, folder: Path, progress: Progress) -> RankEntry:
-    progress(f"tracing rank {rank + 1}/{options.tp}")
-    if options.tp > 1:
-        # share every parameter with the full model; shard() replaces only the sliced ones
-        model = shard(copy.deepcopy(model, memo={id(p): p for p in model.parameters()}), rank, options.tp)
-    program = trace(model, options.max_batch, options.max_seq, options.logits)
-    name = f"rank{rank}.onnx"
-    external = _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    progress(f"writing {name}" + (" with external data" if external else ""))
-    program.save(str(folder / name), external_data=external)
-    del program
-    progress(f"checking {name}")
-    onnx.checker.check_model(str(folder / name), full_check=True)
-    data = sorted(p.name for p in folder.iterdir() if p.name.startswith(name) and p.name != name)
-    return RankEntry(rank, file_entry(folder, name), [file_entry(folder, d) for d in data])
-
-
-def _weight_bytes(model: Decoder) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _tokenizer(source: str, model: Decoder, folder: Path) -> list[str]:
+def _tokenizer(source: str, config: ModelConfig, folder: Path) -> list[str]:
     if source.startswith("preset:"):
-        c = model.config
+        c = config
         return write_tiny_tokenizer(folder, c.vocab_size, c.bos_token_id, c.eos_token_ids) if c.vocab_size <= 4096 else []
     return copy_tokenizer(Path(source), folder)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -111,16 +112,24 @@ def _empty(config: ModelConfig, dtype: str, rope_positions: int | None) -> Decod
 def random_model(config: ModelConfig, dtype: str = "fp32", seed: int = 0, rope_positions: int | None = None) -> Decoder:
     """Random weights (normal, std 0.02; norms around 1) for presets and benchmarks."""
     model = _empty(config, dtype, rope_positions)
-    gen = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+        for name, t in random_parameters(config, dtype, seed):
+            params[name].copy_(t)
     return model.eval()
+
+
+def random_parameters(config: ModelConfig, dtype: str = "fp32", seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """random_model's parameters one at a time, in named_parameters order (the exporter streams them)."""
+    with torch.device("meta"):
+        shapes = [(name, p.shape) for name, p in Decoder(config).named_parameters()]
+    gen = torch.Generator().manual_seed(seed)
+    for name, shape in shapes:
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:  # weights and biases
+            t = 0.02 * torch.randn(shape, generator=gen)
+        yield name, t.to(torch_dtype(dtype))
 
 
 def source_config(source: str) -> ModelConfig:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactError, WireFormatError  # noqa: F401 - ArtifactError re-exported
+from . import verify_cache
 from .config import ModelConfig
 from .external_data import external_data_locations
 
@@ -201,7 +202,7 @@ def verify_file(folder: Path, entry: FileEntry) -> None:
     path = _inside(folder, entry.file)
     if not path.is_file():
         raise ArtifactError(f"{folder}: {entry.file} is missing; re-export the artifact")
-    if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+    if path.stat().st_size != entry.bytes or not verify_cache.matches(path, entry.sha256):
         raise ArtifactError(f"{folder}: {entry.file} does not match its manifest checksum (modified or "
                             f"truncated); re-export the artifact")
 

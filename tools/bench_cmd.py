@@ -6,8 +6,11 @@ import json
 
 import click
 
+from .verify_option import verify_option
+
 
 @click.command("bench")
+@verify_option
 @click.argument("artifact", type=click.Path())
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "torch", "tensorrt"]))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))

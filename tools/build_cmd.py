@@ -6,8 +6,11 @@ import json
 
 import click
 
+from .verify_option import verify_option
+
 
 @click.command("build")
+@verify_option
 @click.argument("artifact", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="new artifact folder (input files + engines)")
 @click.option("--backend", default="tensorrt", show_default=True, type=click.Choice(["tensorrt"]))
@@ -28,10 +31,13 @@ def command(artifact: str, out: str, backend: str, opt_seq: int | None, opt_batc
             verbose_log: bool, force: bool, as_json: bool) -> None:
     """Build TensorRT engines (full TensorRT or TensorRT-RTX) for every rank of ARTIFACT into OUT."""
     from ..graphs.trt.build import BuildOptions, build_engines
+    from .progress import ProgressBar
 
     options = BuildOptions(backend=backend, opt_seq=opt_seq, opt_batch=opt_batch, max_batch=max_batch,
                            profiles=profiles, timing_cache=timing_cache, decomposable_attention=not strict_attention,
                            workspace_mib=workspace_mib, verbose_log=verbose_log, force=force)
-    manifest = build_engines(artifact, out, options, progress=lambda m: click.echo(f"[build] {m}", err=True))
+    with ProgressBar("build", quiet=as_json) as bar:
+        manifest = build_engines(artifact, out, options, progress=bar)
+        bar.finish(out)
     if as_json:
         click.echo(json.dumps(json.loads(manifest.to_json())))

@@ -26,9 +26,12 @@ def command(source: str, out: str, tp: int, dtype: str, max_batch: int, max_seq:
 
     check_destination(Path(out), force, keep=[source])  # before importing torch: a refused -o answers at once
     from ..export.artifact import ExportOptions, export_artifact
+    from .progress import ProgressBar
 
     options = ExportOptions(tp=tp, dtype=dtype, max_batch=max_batch, max_seq=max_seq, logits=logits, force=force,
                             seed=seed)
-    manifest = export_artifact(source, out, options, progress=lambda m: click.echo(f"[export] {m}", err=True))
+    with ProgressBar("export", quiet=as_json) as bar:
+        manifest = export_artifact(source, out, options, progress=bar, written=bar.written)
+        bar.finish(out)
     if as_json:
         click.echo(json.dumps(json.loads(manifest.to_json())))

@@ -8,6 +8,8 @@ import time
 
 import click
 
+from .verify_option import verify_option
+
 from ..errors import UserError
 
 
@@ -31,6 +33,7 @@ def _sampling(**kw):
 
 
 @click.command("generate")
+@verify_option
 @click.argument("artifact")
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["torch", "ort", "tensorrt"]))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))

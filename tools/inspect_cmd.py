@@ -8,8 +8,11 @@ import json
 
 import click
 
+from .verify_option import verify_option
+
 
 @click.command("inspect")
+@verify_option
 @click.argument("path", type=click.Path())
 @click.option("--no-verify", is_flag=True, help="skip the checksum check of the artifact's files")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON document")

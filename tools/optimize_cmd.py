@@ -7,8 +7,11 @@ import json
 
 import click
 
+from .verify_option import verify_option
+
 
 @click.command("optimize")
+@verify_option
 @click.argument("artifact", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="new artifact folder to write")
 @click.option("--dialect", required=True, help="target dialect: std, ort-gqa, ort-gqa-uniform or ort-gqa-static (onnxruntime < 1.32; -static for CUDA graphs) or decomposed")
@@ -36,11 +39,14 @@ def command(artifact: str, out: str, dialect: str, dtype: str | None, quant: str
     from ..graphs.passes.quantize import QuantOptions
     from ..graphs.pipeline import PassOptions, optimize
 
+    from .progress import ProgressBar
+
     quantize = None if quant is None else QuantOptions(int(quant[3:]), int(block_size), symmetric, quantize_lm_head,
                                                        quant_format, accuracy_level)
-    _, report = optimize(artifact, out, dialect, dtype, debug=debug, force=force,
-                         progress=lambda m: click.echo(f"[optimize] {m}", err=True), quantize=quantize,
-                         options=PassOptions(fuse_projections=fuse_projections))
+    with ProgressBar("optimize", quiet=as_json) as bar:
+        _, report = optimize(artifact, out, dialect, dtype, debug=debug, force=force, progress=bar, quantize=quantize,
+                             options=PassOptions(fuse_projections=fuse_projections))
+        bar.finish(out)
     if as_json:
         click.echo(json.dumps(report))
         return

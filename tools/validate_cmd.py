@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from .verify_option import verify_option
+
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ def parse_backends(text: str, minimum: int = 2) -> list[str]:
 
 
 @click.command("validate")
+@verify_option
 @click.argument("artifact", type=click.Path())
 @click.option("--backends", default="torch,ort", show_default=True,
               help="comma-separated; the first is the reference. NAME or NAME@ARTIFACT (e.g. ort@./tiny-gqa)")

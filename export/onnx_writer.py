@@ -1,0 +1,97 @@
+"""Write an ONNX file whose weights are streamed in, tensor by tensor, and hashed as they are written.
+
+A protobuf message may be split: a singular embedded field that appears several times is merged by every
+parser, and repeated fields concatenate. So the file is the serialized graph without its weights, followed by
+one ``ModelProto.graph { initializer: TensorProto }`` record per weight. With ``external=True`` the tensor bytes
+go to ``NAME.data`` instead (offsets aligned to 4 KiB) and the record only points at them. Either way each
+tensor passes through memory once and no whole-model protobuf is ever built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import BinaryIO
+
+import onnx
+import torch
+
+from .manifest import FileEntry
+
+_ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+               torch.bfloat16: onnx.TensorProto.BFLOAT16}
+_GRAPH_FIELD, _INITIALIZER_FIELD, _RAW_DATA_FIELD = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+ALIGN = 4096
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, length: int) -> bytes:
+    """Tag and length of a length-delimited field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+class _HashedFile:
+    def __init__(self, path: Path) -> None:
+        self.path, self.sha, self.bytes = path, hashlib.sha256(), 0
+        self.f: BinaryIO = open(path, "wb")
+
+    def write(self, data) -> None:
+        self.f.write(data)
+        self.sha.update(data)
+        self.bytes += len(data)
+
+    def close(self) -> FileEntry:
+        self.f.close()
+        return FileEntry(self.path.name, self.sha.hexdigest(), self.bytes)
+
+
+class OnnxWriter:
+    """``OnnxWriter(path, skeleton, external)``; ``add(name, tensor)`` per weight; ``close()`` -> file entries."""
+
+    def __init__(self, path: Path, skeleton: onnx.ModelProto, external: bool) -> None:
+        self.path, self.external = Path(path), external
+        self.onnx = _HashedFile(self.path)
+        self.onnx.write(skeleton.SerializeToString())
+        self.data = _HashedFile(self.path.with_name(self.path.name + ".data")) if external else None
+        self.written = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        raw = tensor.detach().contiguous().view(torch.uint8).numpy()
+        header = onnx.TensorProto(name=name, dims=list(tensor.shape), data_type=_ONNX_TYPES[tensor.dtype])
+        if self.data is not None:
+            pad = -self.data.bytes % ALIGN
+            self.data.write(b"\0" * pad)
+            header.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", self.data.path.name), ("offset", str(self.data.bytes)),
+                               ("length", str(raw.nbytes))):
+                header.external_data.add(key=key, value=value)
+            self.data.write(memoryview(raw).cast("B") if raw.nbytes else b"")
+            body = header.SerializeToString()
+            self._record(body, b"")
+        else:
+            self._record(header.SerializeToString() + _field(_RAW_DATA_FIELD, raw.nbytes), memoryview(raw).cast("B"))
+        self.written += raw.nbytes
+
+    def _record(self, head: bytes, raw) -> None:
+        tensor_len = len(head) + len(raw)
+        graph_len = len(_field(_INITIALIZER_FIELD, tensor_len)) + tensor_len
+        self.onnx.write(_field(_GRAPH_FIELD, graph_len) + _field(_INITIALIZER_FIELD, tensor_len) + head)
+        if len(raw):
+            self.onnx.write(raw)
+
+    def close(self) -> tuple[FileEntry, list[FileEntry]]:
+        entry = self.onnx.close()
+        return entry, ([self.data.close()] if self.data is not None else [])
+
+    def abort(self) -> None:
+        self.onnx.f.close()
+        if self.data is not None:
+            self.data.f.close()
