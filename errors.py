@@ -68,6 +68,11 @@ class EngineBuildError(BackendError):
     """TensorRT could not import or build a rank's graph; the message names the node and what to do."""
 
 
+class LayerStructureError(DecodekitError, ValueError):
+    """A traced step graph that does not show the repeated layer structure graphs/replicate.py copies (export then
+    traces every layer instead: internal, never reaches the user)."""
+
+
 class Interrupted(BaseException):
     """A termination signal (SIGTERM) raised in the main thread so that ``finally`` / cleanup blocks run.
 

@@ -24,12 +24,10 @@ import re
 
 import onnx_ir as ir
 
+from ..errors import LayerStructureError  # noqa: F401 - re-exported
+
 TEMPLATE_LAYERS = 3
 _LAYER = re.compile(r"\blayers\.(\d+)\b")
-
-
-class LayerStructureError(ValueError):
-    """The traced graph does not show the repeated layer structure this module relies on."""
 
 
 def node_layer(node: ir.Node) -> int | None:

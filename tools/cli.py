@@ -9,6 +9,7 @@ partial output folder was removed (export/folders.py). Anything else is a bug an
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -82,9 +83,13 @@ def run(argv: list[str] | None = None) -> int:
         click.echo("aborted", err=True)
         return 1
     except KeyboardInterrupt:
+        # a second SIGINT (or one left pending by library code that caught the first) during the message or the
+        # interpreter's shutdown would end the process by the signal (-2) instead of this exit code
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         click.echo("interrupted (SIGINT); nothing half-written was kept", err=True)
         return 130
     except Interrupted as e:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         click.echo(f"terminated (signal {e.signum}); nothing half-written was kept", err=True)
         return e.exit_code
     except DecodekitError as e:

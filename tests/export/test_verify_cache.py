@@ -120,4 +120,4 @@ def test_cli_verify_option(tmp_path, artifact):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "c" / "decodekit" / "verified.json").is_file()
     r = subprocess.run(cmd + ["--verify", "maybe"], capture_output=True, text=True, env=env)
-    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "--verify" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--verify" in r.stderr  # a usage error
