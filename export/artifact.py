@@ -16,6 +16,8 @@ import onnx
 
 from .checkpoint import DTYPES, load_source, source_config
 from .config import ConfigError
+from .gguf import is_gguf
+from .gguf_tokenizer import write_gguf_tokenizer
 from .folders import EXTERNAL_DATA_THRESHOLD, ONNX_DTYPES, atomic_folder
 from .manifest import Manifest, RankEntry, TensorSpec, file_entry, write_manifest
 from .model import Decoder
@@ -107,6 +109,8 @@ def _tokenizer(source: str, model: Decoder, folder: Path) -> list[str]:
     if source.startswith("preset:"):
         c = model.config
         return write_tiny_tokenizer(folder, c.vocab_size, c.bos_token_id, c.eos_token_ids) if c.vocab_size <= 4096 else []
+    if is_gguf(source):
+        return write_gguf_tokenizer(source, folder)
     return copy_tokenizer(Path(source), folder)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, ModelConfig, load_hf_config, preset
+from .gguf import gguf_config, is_gguf, load_gguf
 from .model import Decoder
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -120,6 +121,8 @@ def source_config(source: str) -> ModelConfig:
     """The ModelConfig of SOURCE without loading weights (validates the source early)."""
     if source.startswith("preset:"):
         return preset(source.removeprefix("preset:"))
+    if is_gguf(source):
+        return gguf_config(source)
     folder = Path(source)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder; pass a Hugging Face model folder or preset:NAME")
@@ -127,7 +130,9 @@ def source_config(source: str) -> ModelConfig:
 
 
 def load_source(source: str, dtype: str = "fp32", rope_positions: int | None = None, seed: int = 0) -> Decoder:
-    """SOURCE is a Hugging Face folder or preset:NAME."""
+    """SOURCE is a Hugging Face folder, a GGUF file or preset:NAME."""
     if source.startswith("preset:"):
         return random_model(preset(source.removeprefix("preset:")), dtype, seed, rope_positions)
+    if is_gguf(source):
+        return load_gguf(source, dtype, rope_positions)
     return load_hf(source, dtype, rope_positions)
