@@ -224,3 +224,29 @@ def load_gguf(path: str | Path, dtype: str = "fp32", rope_positions: int | None 
     if missing:
         raise CheckpointError(f"{gguf.path.name}: missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
     return model.eval()
+
+
+def transformers_model(path: str | Path):
+    """transformers' own model for a GGUF file (float32, eval): the reference `validate --reference transformers` uses."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    GgufFile(path).arch  # refuse unsupported architectures with decodekit's one-line message
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32").eval()
+
+
+def save_hf_folder(path: str | Path, out: str | Path) -> Path:
+    """Write the GGUF as a Hugging Face folder (config.json + safetensors + tokenizer files), for other tools.
+
+    transformers refuses save_pretrained of a GGUF-loaded model, so its state goes into a plain model first.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path, out = Path(path), Path(out)
+    loaded = transformers_model(path)
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(out)
+    return out
