@@ -12,6 +12,12 @@ rows (the last one zero-padded), and each block gets one scale (and, asymmetric,
 
     dequantize  w ~= (q - zp) * scale
 
+Methods: "rtn" is round-to-nearest with the scales above. "search" (the error-minimizing scale search of
+llama.cpp's make_qx_quants, without importance weights) tries SEARCH_STEPS clipping factors f in [1, 0.5] per
+block (symmetric: extreme * f; asymmetric: [lo, hi] * f), rounds with each, refits the scale to the codes by
+least squares (scale = sum(w * c) / sum(c * c) with c = code - zp), and keeps the candidate of smallest squared
+error -- clipping a rare outlier buys finer steps for the rest of the block. Same formats, same kernels.
+
 Layouts produced:
     MatMulNBits (com.microsoft)   B uint8 [N, k_blocks, block * bits / 8], codes packed low-nibble-first along K;
                                   scales [N, k_blocks]; zero points uint8 [N, ceil(k_blocks * bits / 8)]
@@ -28,6 +34,8 @@ import numpy as np
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+METHODS = ("rtn", "search")
+SEARCH_STEPS = 11
 
 
 @dataclass(frozen=True)
@@ -45,9 +53,11 @@ class Blockwise:
 
 
 def quantize_blockwise(w: np.ndarray, bits: int, block: int, symmetric: bool,
-                       positive_scales: bool = False) -> Blockwise:
+                       positive_scales: bool = False, method: str = "rtn") -> Blockwise:
     """positive_scales (symmetric only): scale = absmax / (2^(bits-1) - 1) > 0 instead of the signed extreme / -2^(bits-1);
     TensorRT's DequantizeLinear import requires positive scales ("Scale coefficients must all be positive")."""
+    if method not in METHODS:
+        raise ValueError(f"quantization method must be one of {METHODS}, got {method!r}")
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
     if block not in BLOCK_SIZES:
@@ -61,6 +71,9 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int, symmetric: bool,
     padded[:k] = w
     x = padded.T.reshape(n, nb, block)  # [N, k_blocks, block]
     qmax = (1 << bits) - 1
+    if method == "search":
+        scales, zp, codes = _search(x, bits, symmetric, positive_scales)
+        return Blockwise(codes, scales, zp, bits, block, k, symmetric)
     if symmetric:
         half = 1 << (bits - 1)
         idx = np.abs(x).argmax(axis=-1)[..., None]
@@ -75,6 +88,37 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int, symmetric: bool,
         zp = np.clip(np.round(-lo / safe), 0, qmax).astype(np.uint8)
     codes = np.clip(np.round(x / safe[..., None]) + zp[..., None], 0, qmax).astype(np.uint8)
     return Blockwise(codes, scales.astype(np.float32), zp, bits, block, k, symmetric)
+
+
+def _search(x: np.ndarray, bits: int, symmetric: bool, positive_scales: bool):
+    """Per block, the clipping factor whose least-squares-refit scale gives the smallest squared error."""
+    qmax, half = (1 << bits) - 1, 1 << (bits - 1)
+    if symmetric:  # first-guess scale of clipping factor 1 (as rtn), and the fixed zero point
+        if positive_scales:
+            base = np.abs(x).max(axis=-1) / np.float32(half - 1)
+        else:
+            base = np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)[..., 0] / np.float32(-half)
+    else:
+        lo, hi = np.minimum(x.min(axis=-1), 0.0), np.maximum(x.max(axis=-1), 0.0)
+        base = (hi - lo) / np.float32(qmax)
+    best_err = np.full(x.shape[:-1], np.inf, np.float32)
+    best = (np.zeros(x.shape[:-1], np.float32), np.zeros(x.shape[:-1], np.float32), np.zeros(x.shape, np.float32))
+    for f in np.linspace(1.0, 0.5, SEARCH_STEPS, dtype=np.float32):
+        scales = base * f
+        safe = np.where(scales == 0, np.float32(1.0), scales)
+        zp = np.full(scales.shape, half, np.float32) if symmetric else np.clip(np.round(-lo * f / safe), 0, qmax)
+        codes = np.clip(np.round(x / safe[..., None]) + zp[..., None], 0, qmax)
+        c = codes - zp[..., None]
+        num, den = np.einsum("nbk,nbk->nb", x, c), np.einsum("nbk,nbk->nb", c, c)
+        refit = np.where(den > 0, num / np.where(den > 0, den, np.float32(1.0)), scales)
+        if positive_scales:
+            refit = np.where(refit > 0, refit, scales)
+        err = np.square(x - c * refit[..., None]).sum(axis=-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = (np.where(better, refit, best[0]), np.where(better, zp, best[1]),
+                np.where(better[..., None], codes, best[2]))
+    return best[0].astype(np.float32), best[1].astype(np.uint8), best[2].astype(np.uint8)
 
 
 def dequantize(q: Blockwise) -> np.ndarray:

@@ -45,6 +45,7 @@ class QuantOptions:
     lm_head: bool = False
     format: str = "ort"
     accuracy_level: int | None = None  # MatMulNBits only: 0/None = compute in the activation type, 4 = int8
+    method: str = "rtn"  # rtn: round-to-nearest; search: error-minimizing scale search per block (graphs/quant.py)
 
     def __post_init__(self) -> None:
         if self.bits not in quant.BITS:
@@ -52,14 +53,18 @@ class QuantOptions:
         if self.block_size not in quant.BLOCK_SIZES:
             raise DialectError(f"unsupported block size {self.block_size}; use one of "
                                f"{', '.join(map(str, quant.BLOCK_SIZES))}")
+        if self.method not in quant.METHODS:
+            raise DialectError(f"unsupported quantization method {self.method!r}; use one of {', '.join(quant.METHODS)}")
         if self.format not in FORMATS:
             raise DialectError(f"unsupported quantization format {self.format!r}; use one of {', '.join(FORMATS)}")
 
     @property
     def scheme(self) -> str:
-        """e.g. "int4-b32-sym" (+ "-lmhead" when the LM head is quantized, "-qdq" for the DequantizeLinear form)."""
+        """e.g. "int4-b32-sym" (+ "-lmhead" when the LM head is quantized, "-qdq" for the DequantizeLinear form,
+        "-search" for the scale search)."""
         s = f"int{self.bits}-b{self.block_size}-{'sym' if self.symmetric else 'asym'}"
-        return s + ("-lmhead" if self.lm_head else "") + ("-qdq" if self.format == "qdq" else "")
+        s += ("-lmhead" if self.lm_head else "") + ("-qdq" if self.format == "qdq" else "")
+        return s + ("-search" if self.method == "search" else "")
 
 
 _PASS_THROUGH = {"Reshape", "Slice", "Gather", "Squeeze", "Unsqueeze", "Cast", "Identity", "Transpose", "Flatten"}
@@ -144,7 +149,7 @@ class QuantizePass(ReportingPass):
             dtype = w.const_value.dtype
             counts["bytes_before"] += w.const_value.nbytes
             q = quant.quantize_blockwise(np.asarray(w.const_value.numpy(), np.float32), o.bits, o.block_size,
-                                         o.symmetric, positive_scales=o.format == "qdq")
+                                         o.symmetric, positive_scales=o.format == "qdq", method=o.method)
             new_inits = self._ort(graph, node, w, q, dtype) if o.format == "ort" else self._qdq(graph, node, w, q, dtype)
             counts["bytes_after"] += sum(v.const_value.nbytes for v in new_inits)
             counts[op] += 1
