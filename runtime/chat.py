@@ -34,12 +34,19 @@ class ChatTurn:
     cached: int  # cache rows in use after the turn
 
 
+# dialects whose multi-token steps must start at an empty cache (ort-gqa-static / -uniform): no appending
+PREFILL_ONLY_DIALECTS = ("ort-gqa-uniform", "ort-gqa-static")
+
+
 class ChatSession:
     """One conversation on one backend (batch 1); the backend's KV cache holds its history."""
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer, template: ChatTemplate, end_ids: Sequence[int],
                  sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 256,
                  system: str | None = None) -> None:
+        if backend.manifest.dialect in PREFILL_ONLY_DIALECTS:
+            raise GenerationError(f"a chat appends each turn to the KV cache with a multi-token step, which the "
+                                  f"{backend.manifest.dialect} dialect cannot run; chat with a std or ort-gqa artifact")
         self.backend, self.tokenizer, self.template = backend, tokenizer, template
         self.end_ids = frozenset(int(i) for i in end_ids)
         self.max_new_tokens = max_new_tokens

@@ -50,10 +50,11 @@ class ChatTemplate:
         return cls(source, variables)
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        template = _compile(self.source)
         import jinja2
 
         try:
-            return _compile(self.source).render(messages=[dict(m) for m in messages],
+            return template.render(messages=[dict(m) for m in messages],
                                                 add_generation_prompt=add_generation_prompt, **self.variables)
         except jinja2.TemplateError as e:
             raise GenerationError(f"the chat template failed: {e}") from None
@@ -69,7 +70,10 @@ class ChatTemplate:
 
 
 def _compile(source: str):
-    import jinja2
+    try:
+        import jinja2
+    except ModuleNotFoundError:
+        raise GenerationError("chat templates need the jinja2 package: pip install 'jinja2>=3.1.6'") from None
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -92,9 +96,10 @@ def chat_messages(message: str, system: str | None = None) -> list[Message]:
         [{"role": "user", "content": message}]
 
 
-def chat_prompt(folder: str | Path, manifest: Manifest, message: str,
+def chat_prompt(folder: str | Path, manifest: Manifest | None, message: str,
                 system: str | None = None) -> tuple[list[int], tuple[int, ...]]:
     """(prompt ids of a one-message chat, the ids that end the answer) for `generate --chat`."""
+    manifest = manifest or read_manifest(folder, verify=False)
     tok = Tokenizer.from_artifact(folder, manifest)
     if tok is None:
         raise GenerationError(f"{folder}: the artifact has no tokenizer, so --chat cannot encode a message")

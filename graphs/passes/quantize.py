@@ -67,6 +67,23 @@ class QuantOptions:
         return s + ("-search" if self.method == "search" else "")
 
 
+# The default scheme of each weight format: the best one its consumers accept, measured on a real model
+# (SmolLM2-135M-Instruct, teacher-forced; benchmarks/int4_quality.py, results/int4_quality.json). TensorRT imports
+# only symmetric blocked DequantizeLinear, so qdq stays symmetric; MatMulNBits takes zero points.
+DEFAULT_SCHEMES: dict[str, dict] = {
+    "ort": {"symmetric": False, "method": "search"},
+    "qdq": {"symmetric": True, "method": "search"},
+}
+
+
+def default_quant_options(bits: int = 4, format: str = "ort", **overrides) -> QuantOptions:
+    """QuantOptions with the default scheme of ``format``; keyword ``overrides`` (None = keep the default) win."""
+    if format not in DEFAULT_SCHEMES:
+        raise DialectError(f"unsupported quantization format {format!r}; use one of {', '.join(FORMATS)}")
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    return QuantOptions(**{"bits": bits, "format": format, **DEFAULT_SCHEMES[format], **chosen})
+
+
 _PASS_THROUGH = {"Reshape", "Slice", "Gather", "Squeeze", "Unsqueeze", "Cast", "Identity", "Transpose", "Flatten"}
 
 

