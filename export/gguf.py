@@ -227,7 +227,7 @@ def load_gguf(path: str | Path, dtype: str = "fp32", rope_positions: int | None 
 
 
 def transformers_model(path: str | Path):
-    """transformers' own model for a GGUF file (float32, eval): the reference `validate --reference transformers` uses."""
+    """transformers' own model of a GGUF file (float32, eval): the reference for `validate --reference transformers`."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
