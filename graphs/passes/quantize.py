@@ -46,6 +46,7 @@ class QuantOptions:
     format: str = "ort"
     accuracy_level: int | None = None  # MatMulNBits only: 0/None = compute in the activation type, 4 = int8
     method: str = "rtn"  # rtn: round-to-nearest; search: error-minimizing scale search per block (graphs/quant.py)
+    float_zero_points: bool = False  # asymmetric MatMulNBits: grid min + scale * code, zero points in the scales' type
 
     def __post_init__(self) -> None:
         if self.bits not in quant.BITS:
@@ -57,22 +58,28 @@ class QuantOptions:
             raise DialectError(f"unsupported quantization method {self.method!r}; use one of {', '.join(quant.METHODS)}")
         if self.format not in FORMATS:
             raise DialectError(f"unsupported quantization format {self.format!r}; use one of {', '.join(FORMATS)}")
+        if self.float_zero_points and (self.symmetric or self.format != "ort"):
+            raise DialectError("float zero points need --asymmetric and the ort (MatMulNBits) format; "
+                               "DequantizeLinear takes zero points of the codes' type only")
 
     @property
     def scheme(self) -> str:
-        """e.g. "int4-b32-sym" (+ "-lmhead" when the LM head is quantized, "-qdq" for the DequantizeLinear form,
-        "-search" for the scale search)."""
+        """e.g. "int4-b32-sym" ("asymf": float zero points; + "-lmhead" when the LM head is quantized, "-qdq" for
+        the DequantizeLinear form, "-search" for the scale search)."""
         s = f"int{self.bits}-b{self.block_size}-{'sym' if self.symmetric else 'asym'}"
+        s += "f" if self.float_zero_points else ""
         s += ("-lmhead" if self.lm_head else "") + ("-qdq" if self.format == "qdq" else "")
         return s + ("-search" if self.method == "search" else "")
 
 
 # The default scheme of each weight format: the best one its consumers accept, measured on a real model
-# (SmolLM2-135M-Instruct, teacher-forced; benchmarks/int4_quality.py, results/int4_quality.json). TensorRT imports
-# only symmetric blocked DequantizeLinear, so qdq stays symmetric; MatMulNBits takes zero points.
+# (SmolLM2-135M-Instruct from its Q4_1 GGUF, teacher-forced; benchmarks/int4_quality.py, results/int4_quality.json).
+# MatMulNBits takes float zero points: the block's [min, max] grid, exact for a 4-bit GGUF source. TensorRT imports
+# only symmetric blocked DequantizeLinear, so qdq stays symmetric. The scale search lowers the weight error but
+# raised this model's perplexity (outliers it clips matter), so round-to-nearest stays the default method.
 DEFAULT_SCHEMES: dict[str, dict] = {
-    "ort": {"symmetric": False, "method": "search"},
-    "qdq": {"symmetric": True, "method": "search"},
+    "ort": {"symmetric": False, "float_zero_points": True, "method": "rtn"},
+    "qdq": {"symmetric": True, "method": "rtn"},
 }
 
 
@@ -166,7 +173,8 @@ class QuantizePass(ReportingPass):
             dtype = w.const_value.dtype
             counts["bytes_before"] += w.const_value.nbytes
             q = quant.quantize_blockwise(np.asarray(w.const_value.numpy(), np.float32), o.bits, o.block_size,
-                                         o.symmetric, positive_scales=o.format == "qdq", method=o.method)
+                                         o.symmetric, positive_scales=o.format == "qdq", method=o.method,
+                                         float_zero_points=o.float_zero_points)
             new_inits = self._ort(graph, node, w, q, dtype) if o.format == "ort" else self._qdq(graph, node, w, q, dtype)
             counts["bytes_after"] += sum(v.const_value.nbytes for v in new_inits)
             counts[op] += 1
@@ -180,7 +188,10 @@ class QuantizePass(ReportingPass):
         base = w.name or node.name
         inits = [_initializer(graph, _unique(graph, f"{base}_Q{o.bits}"), b, ir.DataType.UINT8),
                  _initializer(graph, _unique(graph, f"{base}_scales"), scales.astype(dtype.numpy()), dtype)]
-        if zp is not None:
+        if zp is not None and zp.dtype == np.float32:  # float zero points: [N * k_blocks] in the scales' type
+            inits.append(_initializer(graph, _unique(graph, f"{base}_zero_points"),
+                                      zp.reshape(-1).astype(dtype.numpy()), dtype))
+        elif zp is not None:
             inits.append(_initializer(graph, _unique(graph, f"{base}_zero_points"), zp, ir.DataType.UINT8))
         attrs = {"K": q.k, "N": int(b.shape[0]), "bits": o.bits, "block_size": o.block_size}
         if o.accuracy_level is not None:

@@ -1,6 +1,6 @@
-"""The error-minimizing scale search (graphs/quant.py method="search"): never worse than round-to-nearest per
-block, same tensor formats (ONNX Runtime's MatMulNBits computes A @ dequantize(W) on its output), and reachable
-through the quantize pass and `decodekit optimize --quant-method search`."""
+"""The error-minimizing scale search (graphs/quant.py method="search") and float zero points: never worse than
+round-to-nearest per block, exact on a weight that lies on a Q4_1 grid, ONNX Runtime's MatMulNBits computes
+A @ dequantize(W) on their output, and `decodekit optimize --quantize int4` picks each format's default."""
 
 from __future__ import annotations
 
@@ -41,14 +41,34 @@ def test_search_never_worse_than_rtn(bits, symmetric, positive, block):
         assert np.all(best.scales > 0)
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_search_output_runs_in_matmul_nbits(symmetric):
+def test_float_zero_points_reproduce_a_q4_1_grid():
+    """Blocks on a llama.cpp Q4_1 grid (min + d * code, code 0..15, both ends used) come back exactly."""
+    rng = np.random.default_rng(3)
+    k, n = 256, 16
+    mins = rng.normal(-0.05, 0.01, (k // 32, n)).astype(np.float32)
+    steps = rng.uniform(0.002, 0.01, (k // 32, n)).astype(np.float32)
+    codes = rng.integers(0, 16, (k, n)).astype(np.float32)
+    codes[0::32], codes[1::32] = 0, 15  # every block spans the whole grid, as Q4_1 blocks do
+    w = np.repeat(mins, 32, 0) + np.repeat(steps, 32, 0) * codes
+    for method in ("rtn", "search"):
+        q = quant.quantize_blockwise(w, 4, 32, False, method=method, float_zero_points=True)
+        np.testing.assert_allclose(quant.dequantize(q), w, rtol=0, atol=1e-6)
+    x = _heavy_tailed(5)
+    as_int = quant.quantize_blockwise(x, 4, 32, False)
+    as_float = quant.quantize_blockwise(x, 4, 32, False, float_zero_points=True)
+    assert _block_err(x, as_float).sum() < 1.02 * _block_err(x, as_int).sum()  # zero-mean blocks: about equal
+    with pytest.raises(DialectError, match="float zero points"):
+        QuantOptions(4, 32, True, float_zero_points=True)
+
+
+@pytest.mark.parametrize("symmetric,float_zp", [(True, False), (False, False), (False, True)])
+def test_search_output_runs_in_matmul_nbits(symmetric, float_zp):
     import onnxruntime as ort
 
     k, n = 160, 24
     w = _heavy_tailed(7, k, n)
     a = np.random.default_rng(1).normal(0, 1, (2, 3, k)).astype(np.float32)
-    q = quant.quantize_blockwise(w, 4, 32, symmetric, method="search")
+    q = quant.quantize_blockwise(w, 4, 32, symmetric, method="search", float_zero_points=float_zp)
     b, scales, zp = quant.matmul_nbits_tensors(q)
     inits = [onnx.numpy_helper.from_array(b, "B"), onnx.numpy_helper.from_array(scales.reshape(-1), "scales")]
     if zp is not None:
@@ -69,7 +89,7 @@ def test_method_is_validated_and_named():
         QuantOptions(method="gptq")
 
 
-@pytest.mark.parametrize("fmt,scheme", [("ort", "int4-b32-asym-search"), ("qdq", "int4-b32-sym-qdq-search")])
+@pytest.mark.parametrize("fmt,scheme", [("ort", "int4-b32-asymf"), ("qdq", "int4-b32-sym-qdq")])
 def test_cli_default_scheme_per_format(exported, tmp_path, fmt, scheme):
     """`--quantize int4` alone picks the format's default (TensorRT's qdq form stays symmetric)."""
     import json
