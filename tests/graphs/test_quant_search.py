@@ -103,3 +103,8 @@ def test_cli_default_scheme_per_format(exported, tmp_path, fmt, scheme):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["quantization"] == scheme.replace("b32", "b16" if fmt == "qdq" else "b32")
+    from decodekit.runtime.generate import generate_ids
+    from decodekit.runtime.pipeline import open_backend
+
+    with open_backend(tmp_path / "q", "ort") as backend:  # the float-zero-point MatMulNBits graph runs in ORT
+        assert len(generate_ids(backend, [[1, 2, 3]], 4, eos_ids=())[0]) == 4
