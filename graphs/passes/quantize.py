@@ -77,6 +77,8 @@ class QuantOptions:
 # MatMulNBits takes float zero points: the block's [min, max] grid, exact for a 4-bit GGUF source. TensorRT imports
 # only symmetric blocked DequantizeLinear, so qdq stays symmetric. The scale search lowers the weight error but
 # raised this model's perplexity (outliers it clips matter), so round-to-nearest stays the default method.
+# Cost: onnxruntime 1.32's CPU MatMulNBits runs float zero points on a slow path (4x the fp32 step on SmolLM2,
+# results/smollm2_cpu_decode.json); --symmetric --quantize-lm-head --accuracy-level 4 is the fast int4 there.
 DEFAULT_SCHEMES: dict[str, dict] = {
     "ort": {"symmetric": False, "float_zero_points": True, "method": "rtn"},
     "qdq": {"symmetric": True, "method": "rtn"},
