@@ -20,6 +20,8 @@ from ..graphs.replicate import TEMPLATE_LAYERS, LayerStructureError, replicate_l
 from . import verify_cache
 from .checkpoint import DTYPES, source_accounting, source_config
 from .config import ConfigError, ModelConfig
+from .gguf import is_gguf
+from .gguf_tokenizer import write_gguf_tokenizer
 from .folders import EXTERNAL_DATA_THRESHOLD, ONNX_DTYPES, atomic_folder
 from .manifest import STD_CAPABILITIES, Manifest, RankEntry, TensorSpec, file_entry, write_manifest
 from .onnx_writer import OnnxWriter
@@ -167,6 +169,8 @@ def _tokenizer(source: str, config: ModelConfig, folder: Path) -> list[str]:
     if source.startswith("preset:"):
         c = config
         return write_tiny_tokenizer(folder, c.vocab_size, c.bos_token_id, c.eos_token_ids) if c.vocab_size <= 4096 else []
+    if is_gguf(source):
+        return write_gguf_tokenizer(source, folder)
     return copy_tokenizer(Path(source), folder)
 
 

@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 
 from .config import Accounting, ConfigError, ModelConfig, account, load_hf_config, preset, read_hf_config
+from .gguf import gguf_accounting, gguf_config, is_gguf, load_gguf
 from .model import Decoder
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -136,6 +137,8 @@ def source_config(source: str) -> ModelConfig:
     """The ModelConfig of SOURCE without loading weights (validates the source early)."""
     if source.startswith("preset:"):
         return preset(source.removeprefix("preset:"))
+    if is_gguf(source):
+        return gguf_config(source)
     folder = Path(source)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder; pass a Hugging Face model folder or preset:NAME")
@@ -143,14 +146,18 @@ def source_config(source: str) -> ModelConfig:
 
 
 def source_accounting(source: str) -> Accounting | None:
-    """How SOURCE's config.json was accounted for (None for preset:NAME, which has no config.json)."""
+    """How SOURCE's config.json (a GGUF's metadata) was accounted for (None for preset:NAME)."""
     if source.startswith("preset:"):
         return None
+    if is_gguf(source):
+        return gguf_accounting(source)
     return account(read_hf_config(Path(source)))
 
 
 def load_source(source: str, dtype: str = "fp32", rope_positions: int | None = None, seed: int = 0) -> Decoder:
-    """SOURCE is a Hugging Face folder or preset:NAME."""
+    """SOURCE is a Hugging Face folder, a GGUF file or preset:NAME."""
     if source.startswith("preset:"):
         return random_model(preset(source.removeprefix("preset:")), dtype, seed, rope_positions)
+    if is_gguf(source):
+        return load_gguf(source, dtype, rope_positions)
     return load_hf(source, dtype, rope_positions)

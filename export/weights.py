@@ -218,6 +218,10 @@ def _safetensors_header(path: Path) -> dict[str, dict]:
 def open_source(source: str, config: ModelConfig, dtype: str, seed: int) -> WeightSource:
     if source.startswith("preset:"):
         return PresetWeights(config, dtype, seed)
+    from .gguf import GgufWeights, is_gguf
+
+    if is_gguf(source):
+        return GgufWeights(source, config, dtype)
     return SafetensorsWeights(Path(source), config, dtype)
 
 

@@ -12,6 +12,17 @@ rows (the last one zero-padded), and each block gets one scale (and, asymmetric,
 
     dequantize  w ~= (q - zp) * scale
 
+Methods: "rtn" is round-to-nearest with the scales above. "search" (the error-minimizing scale search of
+llama.cpp's make_qx_quants, without importance weights) tries SEARCH_STEPS clipping factors f in [1, 0.5] per
+block (symmetric: extreme * f; asymmetric: [lo, hi] * f), rounds with each, refits the scale to the codes by
+least squares (scale = sum(w * c) / sum(c * c) with c = code - zp), and keeps the candidate of smallest squared
+error -- clipping a rare outlier buys finer steps for the rest of the block. Same formats, same kernels.
+
+Float zero points (asymmetric, MatMulNBits only: its zero_points input may have the scales' type): the block's
+grid is lo + scale * code with lo = the block minimum (0 need not be on the grid), and the search fits scale and
+offset jointly by least squares for each candidate's codes. A block that already lies on a 2^bits-level grid
+(a llama.cpp Q4_1 / Q4_K source, dequantized) is reproduced exactly.
+
 Layouts produced:
     MatMulNBits (com.microsoft)   B uint8 [N, k_blocks, block * bits / 8], codes packed low-nibble-first along K;
                                   scales [N, k_blocks]; zero points uint8 [N, ceil(k_blocks * bits / 8)]
@@ -28,6 +39,8 @@ import numpy as np
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+METHODS = ("rtn", "search")
+SEARCH_STEPS = 11
 
 
 @dataclass(frozen=True)
@@ -45,9 +58,13 @@ class Blockwise:
 
 
 def quantize_blockwise(w: np.ndarray, bits: int, block: int, symmetric: bool,
-                       positive_scales: bool = False) -> Blockwise:
+                       positive_scales: bool = False, method: str = "rtn", float_zero_points: bool = False) -> Blockwise:
     """positive_scales (symmetric only): scale = absmax / (2^(bits-1) - 1) > 0 instead of the signed extreme / -2^(bits-1);
     TensorRT's DequantizeLinear import requires positive scales ("Scale coefficients must all be positive")."""
+    if method not in METHODS:
+        raise ValueError(f"quantization method must be one of {METHODS}, got {method!r}")
+    if float_zero_points and symmetric:
+        raise ValueError("float zero points are for asymmetric quantization")
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
     if block not in BLOCK_SIZES:
@@ -61,6 +78,12 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int, symmetric: bool,
     padded[:k] = w
     x = padded.T.reshape(n, nb, block)  # [N, k_blocks, block]
     qmax = (1 << bits) - 1
+    if float_zero_points:
+        scales, zp, codes = _float_zero_points(x, bits, SEARCH_STEPS if method == "search" else 1)
+        return Blockwise(codes, scales, zp, bits, block, k, symmetric)
+    if method == "search":
+        scales, zp, codes = _search(x, bits, symmetric, positive_scales)
+        return Blockwise(codes, scales, zp, bits, block, k, symmetric)
     if symmetric:
         half = 1 << (bits - 1)
         idx = np.abs(x).argmax(axis=-1)[..., None]
@@ -75,6 +98,66 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int, symmetric: bool,
         zp = np.clip(np.round(-lo / safe), 0, qmax).astype(np.uint8)
     codes = np.clip(np.round(x / safe[..., None]) + zp[..., None], 0, qmax).astype(np.uint8)
     return Blockwise(codes, scales.astype(np.float32), zp, bits, block, k, symmetric)
+
+
+def _search(x: np.ndarray, bits: int, symmetric: bool, positive_scales: bool):
+    """Per block, the clipping factor whose least-squares-refit scale gives the smallest squared error."""
+    qmax, half = (1 << bits) - 1, 1 << (bits - 1)
+    if symmetric:  # first-guess scale of clipping factor 1 (as rtn), and the fixed zero point
+        if positive_scales:
+            base = np.abs(x).max(axis=-1) / np.float32(half - 1)
+        else:
+            base = np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)[..., 0] / np.float32(-half)
+    else:
+        lo, hi = np.minimum(x.min(axis=-1), 0.0), np.maximum(x.max(axis=-1), 0.0)
+        base = (hi - lo) / np.float32(qmax)
+    best_err = np.full(x.shape[:-1], np.inf, np.float32)
+    best = (np.zeros(x.shape[:-1], np.float32), np.zeros(x.shape[:-1], np.float32), np.zeros(x.shape, np.float32))
+    for f in np.linspace(1.0, 0.5, SEARCH_STEPS, dtype=np.float32):
+        scales = base * f
+        safe = np.where(scales == 0, np.float32(1.0), scales)
+        zp = np.full(scales.shape, half, np.float32) if symmetric else np.clip(np.round(-lo * f / safe), 0, qmax)
+        codes = np.clip(np.round(x / safe[..., None]) + zp[..., None], 0, qmax)
+        c = codes - zp[..., None]
+        num, den = np.einsum("nbk,nbk->nb", x, c), np.einsum("nbk,nbk->nb", c, c)
+        refit = np.where(den > 0, num / np.where(den > 0, den, np.float32(1.0)), scales)
+        if positive_scales:
+            refit = np.where(refit > 0, refit, scales)
+        err = np.square(x - c * refit[..., None]).sum(axis=-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = (np.where(better, refit, best[0]), np.where(better, zp, best[1]),
+                np.where(better[..., None], codes, best[2]))
+    return best[0].astype(np.float32), best[1].astype(np.uint8), best[2].astype(np.uint8)
+
+
+def _float_zero_points(x: np.ndarray, bits: int, steps: int):
+    """Grid lo + scale * code; candidates shrink [min, max] about its middle, then (scale, lo) are refit by least
+    squares for the candidate's codes. Returns scales, float zero points (= -lo / scale) and codes."""
+    qmax = np.float32((1 << bits) - 1)
+    lo0, hi0 = x.min(axis=-1), x.max(axis=-1)
+    mid, half = (lo0 + hi0) / 2, (hi0 - lo0) / 2
+    best_err = np.full(x.shape[:-1], np.inf, np.float32)
+    best = (np.zeros_like(lo0), np.zeros_like(lo0), np.zeros(x.shape, np.float32))
+    for f in np.linspace(1.0, 0.5, steps, dtype=np.float32):
+        lo, scale = mid - half * f, 2 * half * f / qmax
+        safe = np.where(scale == 0, np.float32(1.0), scale)
+        codes = np.clip(np.round((x - lo[..., None]) / safe[..., None]), 0, qmax)
+        if steps > 1:  # least squares x ~ scale * code + lo for these codes
+            cm, xm = codes.mean(-1), x.mean(-1)
+            var = np.square(codes - cm[..., None]).mean(-1)
+            cov = ((codes - cm[..., None]) * (x - xm[..., None])).mean(-1)
+            scale = np.where(var > 0, cov / np.where(var > 0, var, np.float32(1.0)), scale)
+            lo = np.where(var > 0, xm - scale * cm, lo)
+        err = np.square(x - (lo[..., None] + codes * scale[..., None])).sum(-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = (np.where(better, scale, best[0]), np.where(better, lo, best[1]), np.where(better[..., None], codes, best[2]))
+    scale, lo, codes = best
+    flat = scale == 0  # a block of one value lo: code 0, zero point -1, scale lo gives (0 + 1) * lo
+    zp = np.where(flat, np.where(lo == 0, np.float32(0.0), np.float32(-1.0)), -lo / np.where(flat, 1, scale))
+    scale = np.where(flat, np.where(lo == 0, np.float32(1.0), lo), scale)
+    return scale.astype(np.float32), zp.astype(np.float32), codes.astype(np.uint8)
 
 
 def dequantize(q: Blockwise) -> np.ndarray:
@@ -106,6 +189,8 @@ def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 def matmul_nbits_tensors(q: Blockwise) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(B uint8 [N, k_blocks, blob], scales float32 [N, k_blocks], packed zero points or None when symmetric)."""
     b = pack_codes(q.codes, q.bits)
+    if q.zero_points.dtype == np.float32:  # float zero points: one per block, unpacked, the scales' type
+        return b, q.scales, q.zero_points.copy()
     zp = None if q.symmetric else pack_codes(q.zero_points, q.bits)
     return b, q.scales, zp
 
@@ -123,6 +208,8 @@ def dequantize_matmul_nbits(b: np.ndarray, scales: np.ndarray, zp: np.ndarray | 
 def qdq_tensors(q: Blockwise) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(codes [K, N] int8 (symmetric, values in [-2^(bits-1), 2^(bits-1) - 1]) or uint8 (asymmetric),
     scales float32 [k_blocks, N], zero points uint8 [k_blocks, N] or None) for a blocked DequantizeLinear."""
+    if q.zero_points.dtype == np.float32:
+        raise ValueError("float zero points have no DequantizeLinear form (its zero point has the codes' type)")
     n, nb, block = q.codes.shape
     codes = q.codes.reshape(n, nb * block).T[: q.k]
     if q.symmetric:

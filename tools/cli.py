@@ -22,6 +22,7 @@ COMMANDS = {
     "optimize": "optimize_cmd",
     "build": "build_cmd",
     "generate": "generate_cmd",
+    "chat": "chat_cmd",
     "validate": "validate_cmd",
     "inspect": "inspect_cmd",
     "bench": "bench_cmd",

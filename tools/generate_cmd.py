@@ -41,6 +41,8 @@ def _sampling(**kw):
               help="ort on cuda: replay the decode step as a CUDA graph (default: where the dialect allows it)")
 @click.option("--prompt", "prompts", multiple=True, help="prompt text (repeat for a batch); needs the artifact's tokenizer")
 @click.option("--ids", "ids", multiple=True, help="prompt token ids, comma-separated (repeat for a batch)")
+@click.option("--chat", "chat", default=None, help="a user message, wrapped in the model's chat template")
+@click.option("--system", default=None, help="with --chat: the system message")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")
 @click.option("--top-k", default=0, show_default=True, help="0 = off")
@@ -55,10 +57,11 @@ def _sampling(**kw):
 @click.option("--json", "as_json", is_flag=True,
               help='print one JSON document {"tokens": [[...]], "text": [...], "finish_reasons": [...]}')
 def command(artifact: str, backend: str, device: str, cuda_graph: bool | None, prompts: tuple[str, ...],
-            ids: tuple[str, ...], max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float,
-            repetition_penalty: float, presence_penalty: float, frequency_penalty: float, seed: int | None,
-            stop: tuple[str, ...], logprobs: bool, as_json: bool) -> None:
-    """Generate tokens from ARTIFACT for --prompt texts or --ids token lists; streams a single prompt's text.
+            ids: tuple[str, ...], chat: str | None, system: str | None, max_new_tokens: int, temperature: float,
+            top_k: int, top_p: float, min_p: float, repetition_penalty: float, presence_penalty: float,
+            frequency_penalty: float, seed: int | None, stop: tuple[str, ...], logprobs: bool, as_json: bool) -> None:
+    """Generate tokens from ARTIFACT for --prompt texts, --ids token lists or one --chat message; streams a single
+    prompt's text.
 
     Started by torchrun (RANK / WORLD_SIZE set) on a tensor-parallel artifact, each process is one rank:
     ``torchrun --nproc-per-node 2 -m decodekit generate ARTIFACT --ids 1,2,3``."""
@@ -69,16 +72,18 @@ def command(artifact: str, backend: str, device: str, cuda_graph: bool | None, p
         from ..runtime.launch import DEFAULT_TIMEOUT_S, generate_worker
         from .launch_cmd import _request
 
-        if backend != "ort":
-            raise UserError("under torchrun, generate runs the ort backend (one process per rank)")
+        if backend != "ort" or chat is not None:
+            raise UserError("under torchrun, generate runs the ort backend (one process per rank) on --prompt / --ids")
         generate_worker(artifact, _request(DEFAULT_TIMEOUT_S, 0, prompts=prompts, ids=ids,
                                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                            top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                            seed=seed, stop=stop, as_json=as_json, device=device))
         return
-    if bool(prompts) == bool(ids):
-        raise UserError("pass --prompt TEXT or --ids 1,2,3 (repeatable for a batch), not both or neither")
+    if (chat is not None) + bool(prompts) + bool(ids) != 1:
+        raise UserError("pass one of --prompt TEXT, --ids 1,2,3 (repeatable for a batch) or --chat MESSAGE")
+    if system is not None and chat is None:
+        raise UserError("--system goes with --chat MESSAGE")
     prompt_ids = _parse_ids(ids) if ids else None
     sampling = _sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                          repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
@@ -91,9 +96,15 @@ def command(artifact: str, backend: str, device: str, cuda_graph: bool | None, p
     started = time.perf_counter()
     with open_backend(artifact, backend, **options) as runner:
         has_text = any(f.file == "tokenizer.json" for f in runner.manifest.tokenizer)
+        eos_ids = None
+        if chat is not None:
+            from ..runtime.chat_template import chat_prompt
+
+            ids_, eos_ids = chat_prompt(runner.artifact, runner.manifest, chat, system)
+            prompt_ids, ids = [ids_], (chat,)
         stream = len(prompts) + len(ids) == 1 and not as_json
         result = generate_text(runner, list(prompts), prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
-                               sampling=sampling, stop=list(stop),
+                               sampling=sampling, stop=list(stop), eos_ids=eos_ids,
                                on_text=_write if stream and has_text else None,
                                on_token=(lambda b, t: _write(b, f"{t} ")) if stream and not has_text else None)
     seconds = time.perf_counter() - started

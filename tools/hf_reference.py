@@ -5,8 +5,8 @@ mismatch (a config field decodekit maps wrongly, a missing feature) then fails v
 against decodekit's own PyTorch model.
 
 Loading is a registry keyed by source kind (``SOURCE_KINDS``): each kind says which sources it recognizes and how
-transformers loads them. A Hugging Face folder is one entry; a GGUF file would be another
-(``AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)``).
+transformers loads them. A Hugging Face folder is one entry, a GGUF file
+another (``AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)``).
 
 ``TransformersReference`` speaks the backend step protocol ``validate`` drives (allocate / step / manifest): each
 sequence runs alone (batch 1, no padding) through transformers' own KV cache (``DynamicCache``), fed exactly the
@@ -34,6 +34,14 @@ class SourceKind:
     load: Callable[[Path], Any]  # path -> transformers PreTrainedModel (fp32, eager attention, eval mode)
 
 
+def _load_gguf(path: Path) -> Any:
+    from ..export.gguf import transformers_model
+
+    model = transformers_model(path)
+    model.config._attn_implementation = "eager"
+    return model
+
+
 def _load_hf_folder(path: Path) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
@@ -52,6 +60,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
     k.name: k
     for k in (
         SourceKind("hf-folder", lambda p: p.is_dir() and (p / "config.json").is_file(), _load_hf_folder),
+        SourceKind("gguf", lambda p: p.is_file() and p.suffix == ".gguf", _load_gguf),
     )
 }
 

@@ -21,7 +21,13 @@ from .verify_option import verify_option
               help="weight-only blockwise quantization of the linear layers (embeddings, norms and the LM head kept)")
 @click.option("--block-size", default="32", show_default=True, type=click.Choice(["16", "32", "64", "128", "256"]),
               help="quantization block length along K")
-@click.option("--symmetric/--asymmetric", default=True, show_default=True, help="zero point 2^(bits-1) or per block")
+@click.option("--symmetric/--asymmetric", default=None,
+              help="zero point 2^(bits-1) or per block (default: the format's best, see --quant-method)")
+@click.option("--quant-method", default=None, type=click.Choice(["rtn", "search"]),
+              help="rtn: round to nearest; search: error-minimizing scale search per block  [default: rtn]")
+@click.option("--float-zero-points/--int-zero-points", default=None,
+              help="asymmetric MatMulNBits: zero points in the scales' type (the block's min/max grid). Default per "
+                   "format: ort asymmetric + float zero points, qdq symmetric (TensorRT takes symmetric only)")
 @click.option("--quantize-lm-head/--no-quantize-lm-head", default=False, show_default=True)
 @click.option("--quant-format", default="ort", show_default=True, type=click.Choice(["ort", "qdq"]),
               help="ort: com.microsoft MatMulNBits (ONNX Runtime); qdq: blocked DequantizeLinear -> MatMul (TensorRT)")
@@ -33,16 +39,20 @@ from .verify_option import verify_option
 @click.option("--force", is_flag=True, help="replace a non-empty OUT")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON document")
 def command(artifact: str, out: str, dialect: str, dtype: str | None, quant: str | None, block_size: str,
-            symmetric: bool, quantize_lm_head: bool, quant_format: str, accuracy_level: int | None,
+            symmetric: bool | None, quant_method: str | None, float_zero_points: bool | None,
+            quantize_lm_head: bool, quant_format: str,
+            accuracy_level: int | None,
             fuse_projections: bool, debug: bool, force: bool, as_json: bool) -> None:
     """Fold, fuse and lower ARTIFACT's graphs into DIALECT (and DTYPE), writing a new artifact at OUT."""
-    from ..graphs.passes.quantize import QuantOptions
+    from ..graphs.passes.quantize import default_quant_options
     from ..graphs.pipeline import PassOptions, optimize
 
     from .progress import ProgressBar
 
-    quantize = None if quant is None else QuantOptions(int(quant[3:]), int(block_size), symmetric, quantize_lm_head,
-                                                       quant_format, accuracy_level)
+    quantize = None if quant is None else default_quant_options(
+        int(quant[3:]), quant_format, block_size=int(block_size), symmetric=symmetric, method=quant_method,
+        float_zero_points=False if symmetric else float_zero_points, lm_head=quantize_lm_head,
+        accuracy_level=accuracy_level)
     with ProgressBar("optimize", quiet=as_json) as bar:
         _, report = optimize(artifact, out, dialect, dtype, debug=debug, force=force, progress=bar, quantize=quantize,
                              options=PassOptions(fuse_projections=fuse_projections))

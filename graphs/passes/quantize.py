@@ -45,6 +45,8 @@ class QuantOptions:
     lm_head: bool = False
     format: str = "ort"
     accuracy_level: int | None = None  # MatMulNBits only: 0/None = compute in the activation type, 4 = int8
+    method: str = "rtn"  # rtn: round-to-nearest; search: error-minimizing scale search per block (graphs/quant.py)
+    float_zero_points: bool = False  # asymmetric MatMulNBits: grid min + scale * code, zero points in the scales' type
 
     def __post_init__(self) -> None:
         if self.bits not in quant.BITS:
@@ -52,14 +54,43 @@ class QuantOptions:
         if self.block_size not in quant.BLOCK_SIZES:
             raise DialectError(f"unsupported block size {self.block_size}; use one of "
                                f"{', '.join(map(str, quant.BLOCK_SIZES))}")
+        if self.method not in quant.METHODS:
+            raise DialectError(f"unsupported quantization method {self.method!r}; use one of {', '.join(quant.METHODS)}")
         if self.format not in FORMATS:
             raise DialectError(f"unsupported quantization format {self.format!r}; use one of {', '.join(FORMATS)}")
+        if self.float_zero_points and (self.symmetric or self.format != "ort"):
+            raise DialectError("float zero points need --asymmetric and the ort (MatMulNBits) format; "
+                               "DequantizeLinear takes zero points of the codes' type only")
 
     @property
     def scheme(self) -> str:
-        """e.g. "int4-b32-sym" (+ "-lmhead" when the LM head is quantized, "-qdq" for the DequantizeLinear form)."""
+        """e.g. "int4-b32-sym" ("asymf": float zero points; + "-lmhead" when the LM head is quantized, "-qdq" for
+        the DequantizeLinear form, "-search" for the scale search)."""
         s = f"int{self.bits}-b{self.block_size}-{'sym' if self.symmetric else 'asym'}"
-        return s + ("-lmhead" if self.lm_head else "") + ("-qdq" if self.format == "qdq" else "")
+        s += "f" if self.float_zero_points else ""
+        s += ("-lmhead" if self.lm_head else "") + ("-qdq" if self.format == "qdq" else "")
+        return s + ("-search" if self.method == "search" else "")
+
+
+# The default scheme of each weight format: the best one its consumers accept, measured on a real model
+# (SmolLM2-135M-Instruct from its Q4_1 GGUF, teacher-forced; benchmarks/int4_quality.py, results/int4_quality.json).
+# MatMulNBits takes float zero points: the block's [min, max] grid, exact for a 4-bit GGUF source. TensorRT imports
+# only symmetric blocked DequantizeLinear, so qdq stays symmetric. The scale search lowers the weight error but
+# raised this model's perplexity (outliers it clips matter), so round-to-nearest stays the default method.
+# Cost: onnxruntime 1.32's CPU MatMulNBits runs float zero points on a slow path (4x the fp32 step on SmolLM2,
+# results/smollm2_cpu_decode.json); --symmetric --quantize-lm-head --accuracy-level 4 is the fast int4 there.
+DEFAULT_SCHEMES: dict[str, dict] = {
+    "ort": {"symmetric": False, "float_zero_points": True, "method": "rtn"},
+    "qdq": {"symmetric": True, "method": "rtn"},
+}
+
+
+def default_quant_options(bits: int = 4, format: str = "ort", **overrides) -> QuantOptions:
+    """QuantOptions with the default scheme of ``format``; keyword ``overrides`` (None = keep the default) win."""
+    if format not in DEFAULT_SCHEMES:
+        raise DialectError(f"unsupported quantization format {format!r}; use one of {', '.join(FORMATS)}")
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    return QuantOptions(**{"bits": bits, "format": format, **DEFAULT_SCHEMES[format], **chosen})
 
 
 _PASS_THROUGH = {"Reshape", "Slice", "Gather", "Squeeze", "Unsqueeze", "Cast", "Identity", "Transpose", "Flatten"}
@@ -144,7 +175,8 @@ class QuantizePass(ReportingPass):
             dtype = w.const_value.dtype
             counts["bytes_before"] += w.const_value.nbytes
             q = quant.quantize_blockwise(np.asarray(w.const_value.numpy(), np.float32), o.bits, o.block_size,
-                                         o.symmetric, positive_scales=o.format == "qdq")
+                                         o.symmetric, positive_scales=o.format == "qdq", method=o.method,
+                                         float_zero_points=o.float_zero_points)
             new_inits = self._ort(graph, node, w, q, dtype) if o.format == "ort" else self._qdq(graph, node, w, q, dtype)
             counts["bytes_after"] += sum(v.const_value.nbytes for v in new_inits)
             counts[op] += 1
@@ -158,7 +190,10 @@ class QuantizePass(ReportingPass):
         base = w.name or node.name
         inits = [_initializer(graph, _unique(graph, f"{base}_Q{o.bits}"), b, ir.DataType.UINT8),
                  _initializer(graph, _unique(graph, f"{base}_scales"), scales.astype(dtype.numpy()), dtype)]
-        if zp is not None:
+        if zp is not None and zp.dtype == np.float32:  # float zero points: [N * k_blocks] in the scales' type
+            inits.append(_initializer(graph, _unique(graph, f"{base}_zero_points"),
+                                      zp.reshape(-1).astype(dtype.numpy()), dtype))
+        elif zp is not None:
             inits.append(_initializer(graph, _unique(graph, f"{base}_zero_points"), zp, ir.DataType.UINT8))
         attrs = {"K": q.k, "N": int(b.shape[0]), "bits": o.bits, "block_size": o.block_size}
         if o.accuracy_level is not None:

@@ -165,15 +165,16 @@ def test_unknown_backend_choice_is_one_line(bad: dict[str, Path]) -> None:
 @pytest.mark.slow
 def test_demo(work: Path) -> None:
     wd = work / "demo"
-    p = decodekit("demo", "--workdir", wd, "--steps", "2", "--max-new-tokens", "6", "--json", timeout=600)
+    p = decodekit("demo", "--workdir", wd, "--model", "tiny", "--steps", "2", "--max-new-tokens", "6", "--json",
+                  timeout=600)
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     assert doc["passed"] and len(doc["tokens"]) <= 6 and isinstance(doc["text"], str)
     stages = {s["name"].split()[0]: s["status"] for s in doc["stages"]}
     assert stages == {"export": "ok", "optimize": "ok", "build": "ok" if HAS_TRT else "skipped", "generate": "ok",
-                      "validate": "ok"}
+                      "chat": "skipped", "validate": "ok"}
     assert [c["backend"] for c in doc["validation"]["comparisons"]] == ["ort", "ort@tiny-ort-gqa"]
-    assert "[demo] 5/5 validate" in p.stderr and (wd / "tiny" / "manifest.json").is_file()
+    assert "[demo] 6/6 validate" in p.stderr and (wd / "tiny" / "manifest.json").is_file()
 
 
 def test_demo_replaces_only_its_own_workdir(tmp_path: Path) -> None:
