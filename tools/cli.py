@@ -9,6 +9,7 @@ partial output folder was removed (export/folders.py). Anything else is a bug an
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 
@@ -102,6 +103,12 @@ def run(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> None:
     """The console script: returns on success (callers in Python keep going), else exits with the code."""
     code = run(argv)
+    if code in (130, 143):
+        # the interrupt is handled and cleaned up; leave without the interpreter's shutdown, which exits by the
+        # signal itself (-2) when library code saw the KeyboardInterrupt pass through it (seen with torch.onnx)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     if code:
         sys.exit(code)
 

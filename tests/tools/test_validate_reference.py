@@ -68,9 +68,9 @@ def test_missing_transformers_is_one_line(hf_checkpoint, monkeypatch):
 def test_unknown_source_kind_names_the_known_ones(tmp_path):
     from decodekit.tools.hf_reference import SOURCE_KINDS, load_reference_model
 
-    with pytest.raises(BackendError, match=r"known kinds: hf-folder\); pass .* --reference-source PATH"):
+    with pytest.raises(BackendError, match=r"known kinds: hf-folder, gguf\); pass .* --reference-source PATH"):
         load_reference_model(str(tmp_path / "nothing-here"))
-    assert list(SOURCE_KINDS) == ["hf-folder"]
+    assert list(SOURCE_KINDS) == ["hf-folder", "gguf"]
 
 
 def test_cli_backend_counts_and_torch_hint_name_cli_flags(tp1, capsys):
