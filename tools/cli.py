@@ -26,6 +26,7 @@ COMMANDS = {
     "bench": "bench_cmd",
     "demo": "demo_cmd",
     "launch": "launch_cmd",
+    "serve": "serve_cmd",
 }
 
 
