@@ -1,18 +1,25 @@
 """Continuous batching over a static KV cache: the cache's batch rows are slots, one request per slot.
 
-One engine thread owns the backend and runs steps while any request is in a slot. Each step is one [B, S]
-``Backend.step`` that mixes rows (the std dialect builds the attention mask per row from position_ids and
-nonpad_kv_seqlen):
+One engine thread owns the backend and runs steps while any request is in a slot. Each shared step is one
+[B, S] ``Backend.step`` over every row; the std dialect builds the attention mask per row from position_ids and
+nonpad_kv_seqlen, so rows at different lengths, and rows doing different things, share it:
 
     prefilling row  ids = next prompt chunk (c <= prefill_chunk tokens) + pad, positions p.., write p, nonpad p + c
     decoding row    ids = [last token, pad...],  positions len.., write len, nonpad len + 1
     free row        ids = pad,                   positions 0..,   write 0,   nonpad 1 (its outputs are dropped)
 
 Padding columns write K/V past a row's valid length, which nonpad masks and later steps overwrite; S is capped
-so that every row's write + S stays within max_seq. A new request is admitted into a free slot and prefilled in
-the same step in which the other rows decode; it joins their decode steps from the next step on, and leaves its
-slot at EOS, a stop sequence, its token budget or cancellation. Requests beyond the slots wait in a bounded FIFO
-queue; beyond ``max_queue`` ``submit`` raises QueueFullError.
+so that every row's write + S stays within max_seq. How a new request's prompt gets into its row
+(``SchedulerConfig.prefill``):
+
+- "side" (default): the whole prompt runs alone in a batch-1 state, its K/V rows are copied into the slot's row
+  of the shared cache (``Backend.caches``), and the shared steps stay [B, 1]. Measured on the CPU (preset:tiny,
+  benchmarks/serve_load.py) this is the fast mode: a [B, S] step makes every row compute S columns.
+- "mixed": the prompt is prefilled in chunks inside the shared [B, S] steps, beside the decoding rows.
+
+Either way the request takes its first token from its prefill's logits, joins the shared decode steps from
+the next step on, and leaves its slot at EOS, a stop sequence, its token budget or cancellation. Requests beyond
+the slots wait in a bounded FIFO queue; beyond ``max_queue`` ``submit`` raises QueueFullError.
 
 Library use::
 
@@ -34,6 +41,7 @@ import numpy as np
 
 from ..errors import GenerationError, QueueFullError
 from .backend import Backend, check_prompts
+from .cache_rows import RowCopier
 from .request import Delta, Request, Stream
 from .slot import Slot
 from .tokenizer import Tokenizer, generation_eos_ids
@@ -45,6 +53,10 @@ class SchedulerConfig:
     prefill_chunk: int = 256  # most prompt tokens of one request per step (bounds the other rows' step latency)
     slots: int | None = None  # cache rows to serve from; None = the artifact's max_batch
     pad_id: int = 0
+    # "side": prefill each new prompt alone in a batch-1 state and copy its K/V into its row (decode steps stay
+    # [B, 1]); "mixed": prefill it in the shared [B, S] step beside the decoding rows (every row computes S columns)
+    prefill: str = "side"
+    prefills_per_step: int = 4  # "side": new prompts prefilled before each shared decode step
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -53,6 +65,10 @@ class SchedulerConfig:
             raise GenerationError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.slots is not None and self.slots < 1:
             raise GenerationError(f"slots must be >= 1, got {self.slots}")
+        if self.prefill not in ("side", "mixed"):
+            raise GenerationError(f"prefill must be 'side' or 'mixed', got {self.prefill!r}")
+        if self.prefills_per_step < 1:
+            raise GenerationError(f"prefills_per_step must be >= 1, got {self.prefills_per_step}")
 
 
 @dataclass(frozen=True)
@@ -67,9 +83,11 @@ class StepPlan:
     sample_col: dict[int, int]  # row -> column of its last real token, for rows that choose a token
 
 
-def plan_step(slots: list[Slot | None], max_seq: int, prefill_chunk: int, pad_id: int = 0) -> StepPlan:
-    """The next step over every row (see the module docstring); needs at least one busy slot."""
-    busy = [s for s in slots if s is not None]
+def plan_step(slots: list[Slot | None], max_seq: int, prefill_chunk: int, pad_id: int = 0,
+              decode_only: bool = False) -> StepPlan:
+    """The next step over every row (see the module docstring); needs at least one busy slot. ``decode_only``:
+    rows still to prefill step as free rows."""
+    busy = [s for s in slots if s is not None and (s.decoding or not decode_only)]
     room = min(max_seq - (s.prefilled if not s.decoding else s.length) for s in busy)  # S so every write fits
     chunks = {s.row: len(s.chunk(min(prefill_chunk, room))) for s in busy if not s.decoding}
     S = max([1, *chunks.values()])
@@ -105,6 +123,9 @@ class Scheduler:
         self.eos_ids = generation_eos_ids(backend.artifact, backend.manifest)
         n = config.slots or backend.max_batch
         self.state = backend.allocate(n)
+        self.side = backend.allocate(1) if config.prefill == "side" else None
+        self._rows = (RowCopier(backend.caches(self.state), backend.caches(self.side))
+                      if self.side is not None else None)
         self.slots: list[Slot | None] = [None] * n
         self._queue: collections.deque[Stream] = collections.deque()
         self._cond = threading.Condition()
@@ -204,24 +225,58 @@ class Scheduler:
                                    self.backend.device, self.tokenizer)
 
     def _step(self) -> None:
-        plan = plan_step(self.slots, self.backend.max_seq, self.config.prefill_chunk, self.config.pad_id)
-        logits = self.backend.step(self.state, plan.ids_BS, plan.pos_BS, plan.write_B, plan.nonpad_B)
-        logits = _as_torch(logits)
-        self.steps += 1
         made = 0
-        for row, n in plan.chunks.items():
-            self.slots[row].prefilled += n
-        for row, col in plan.sample_col.items():
-            slot = self.slots[row]
-            reason = slot.choose(logits[row:row + 1, col if logits.shape[1] > 1 else 0])
-            made += 1
-            slot.emit(reason)
-            if reason is not None:
-                self.slots[row] = None
+        if self.side is not None:
+            for slot in [s for s in self.slots if s is not None and not s.decoding][:self.config.prefills_per_step]:
+                made += self._side_prefill(slot)
+        if any(s is not None and (s.decoding or self.side is None) for s in self.slots):
+            made += self._shared_step()
         self.tokens_generated += made
         self._rate.append((time.perf_counter(), made))
         while len(self._rate) > 4096:
             self._rate.popleft()
+
+    def _shared_step(self) -> int:
+        plan = plan_step(self.slots, self.backend.max_seq, self.config.prefill_chunk, self.config.pad_id,
+                         decode_only=self.side is not None)
+        logits = _as_torch(self.backend.step(self.state, plan.ids_BS, plan.pos_BS, plan.write_B, plan.nonpad_B))
+        self.steps += 1
+        for row, n in plan.chunks.items():
+            self.slots[row].prefilled += n
+        cols = {row: (col if logits.shape[1] > 1 else 0) for row, col in plan.sample_col.items()}
+        greedy = [row for row in cols if self.slots[row].plain_greedy]
+        if greedy:  # one argmax for every plain-greedy row (the Sampler's greedy path: first index on ties)
+            import torch
+
+            from .sampler_torch import argmax_last
+
+            rows = torch.as_tensor(greedy, device=logits.device)
+            picked = logits[rows, torch.as_tensor([cols[r] for r in greedy], device=logits.device)]
+            for row, token in zip(greedy, argmax_last(picked).tolist()):
+                self._finish_if(self.slots[row], self.slots[row].accept(token))
+        for row, col in cols.items():
+            if row not in greedy:
+                self._choose(self.slots[row], logits[row:row + 1, col])
+        return len(cols)
+
+    def _side_prefill(self, slot: Slot) -> int:
+        """The whole prompt in the batch-1 side state, its K/V rows copied into the slot's row, token 0 chosen."""
+        n = len(slot.prompt)
+        ids = np.asarray([slot.prompt], dtype=np.int64)
+        logits = _as_torch(self.backend.step(self.side, ids, np.arange(n, dtype=np.int64)[None],
+                                             np.zeros(1, dtype=np.int64), np.array([n], dtype=np.int64)))
+        self._rows.copy(slot.row, n)
+        slot.prefilled = n
+        self._choose(slot, logits[:, -1])
+        return 1
+
+    def _choose(self, slot: Slot, logits_1V: Any) -> None:
+        self._finish_if(slot, slot.choose(logits_1V))
+
+    def _finish_if(self, slot: Slot, reason: str | None) -> None:
+        slot.emit(reason)  # type: ignore[arg-type]
+        if reason is not None:
+            self.slots[slot.row] = None
 
     def _free(self, slot: Slot, reason: str, error: str | None = None) -> None:
         slot.emit(reason, error)  # type: ignore[arg-type]

@@ -51,12 +51,21 @@ class Slot:
         """The next prompt tokens to prefill, at most ``limit``."""
         return self.prompt[self.prefilled:self.prefilled + limit]
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits: the scheduler picks these rows' tokens in one batched argmax."""
+        cfg = self.stream.request.sampling
+        return cfg.greedy and not cfg.has_penalties
+
     def choose(self, logits_1V: Any) -> FinishReason | None:
         """Sample the next token from this row's logits; returns the finish reason when it ends the request."""
         result = self.sampler.sample(logits_1V)
         if self.stream.request.sampling.has_penalties:
             self.sampler.observe(result.tokens)
-        token = int(result.tokens[0])
+        return self.accept(int(result.tokens[0]))
+
+    def accept(self, token: int) -> FinishReason | None:
+        """Append a chosen token; returns the finish reason when it ends the request."""
         self.output.append(token)
         self.stops.update(np.array([token], dtype=np.int64), np.array([True]))
         return self.stops.reasons[0]

@@ -31,12 +31,14 @@ def _alone(backend, prompt, max_tokens, sampling=GREEDY):
     return generate_ids(backend, [prompt], max_tokens, sampling, eos_ids=())[0]
 
 
-def test_mixed_prefill_and_decode_steps_match_single_requests(backend) -> None:
-    """12 requests on 8 slots, submitted while others decode (prompts are chunked by 7 tokens so prefills span
-    several mixed steps): every greedy output equals generating that prompt alone."""
+@pytest.mark.parametrize("prefill", ["mixed", "side"])
+def test_continuous_batching_matches_single_requests(backend, prefill) -> None:
+    """12 requests on 8 slots, submitted while others decode (mixed: prompts are chunked by 7 tokens, so prefills
+    span several [B, S] steps beside decoding rows; side: prefilled alone and copied into their rows): every
+    greedy output equals generating that prompt alone."""
     prompts = _prompts(12)
     budgets = [3 + (i * 5) % 17 for i in range(12)]
-    with Scheduler(backend, SchedulerConfig(prefill_chunk=7)) as sched:
+    with Scheduler(backend, SchedulerConfig(prefill_chunk=7, prefill=prefill)) as sched:
         first = [sched.submit(Request(tuple(p), n, GREEDY, eos_ids=())) for p, n in zip(prompts[:5], budgets)]
         done = first[0].result()  # the later ones arrive while the others are mid-generation
         rest = [sched.submit(Request(tuple(p), n, GREEDY, eos_ids=())) for p, n in zip(prompts[5:], budgets[5:])]
