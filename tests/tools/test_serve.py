@@ -302,8 +302,8 @@ def test_load_200_requests_32_clients_with_disconnects_and_bad_requests(server, 
     assert grew("decodekit_requests_total", endpoint="completions", code="200") == kinds.count("good") + n_disc
     for code, count in bad_codes.items():
         assert grew("decodekit_requests_total", endpoint="completions", code=code) == count
-    long_runs = sum(1 for i, k in enumerate(kinds) if k == "disconnect" and len(reference(prompts[i], 150)) > 50)
-    assert min(long_runs, n_disc - early) <= grew("decodekit_client_disconnects_total") <= n_disc
+    # a disconnect is seen at the server's next write; a request that ends before that is simply complete
+    assert (n_disc - early) // 2 <= grew("decodekit_client_disconnects_total") <= n_disc - early
     good_tokens = sum(len(results[i]) for i, k in enumerate(kinds) if k == "good")
     assert grew("decodekit_generated_tokens_total") >= good_tokens
     assert grew("decodekit_time_to_first_token_seconds_count") >= kinds.count("good")
@@ -344,7 +344,7 @@ def test_queue_overflow_gets_429_and_chat_uses_the_template(artifact, tmp_path, 
 
         async def main():
             async with _client(url) as client:
-                long = await client.completions.create(model="m", prompt=[5, 6], max_tokens=200, temperature=0,
+                long = await client.completions.create(model="m", prompt=[5, 6], max_tokens=250, temperature=0,
                                                        stream=True)
                 first = await long.__anext__()
                 refused = await _bad(client, "m", dict(prompt=[7], max_tokens=2))
@@ -356,6 +356,10 @@ def test_queue_overflow_gets_429_and_chat_uses_the_template(artifact, tmp_path, 
 
         first, refused, chat = asyncio.run(asyncio.wait_for(main(), 60))
         assert refused[0] == 429 and refused[1]["type"] == "rate_limit_exceeded"
+        if len(generate_ids(backend, [[5, 6]], 250, eos_ids=srv.scheduler.eos_ids)[0]) == 250:
+            # the client left after its first chunk: the request was cancelled, its slot freed at once
+            assert srv.metrics.disconnects._value.get() == 1
+            assert srv.scheduler.tokens_generated < 250 + 8
         prompt = srv.tokenizer.encode("<system>be brief\n<user>hi there\n<assistant>", add_special_tokens=False)
         expected = generate_ids(backend, [prompt], 8, eos_ids=srv.scheduler.eos_ids)[0]
         assert _ids(chat.choices[0]) == expected
