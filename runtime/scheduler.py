@@ -115,9 +115,10 @@ class Scheduler:
 
     def __init__(self, backend: Backend, config: SchedulerConfig = SchedulerConfig(),
                  tokenizer: Tokenizer | None = None) -> None:
-        if not (backend.manifest.allows("mixed_lengths") and backend.manifest.allows("cache_append")):
-            raise GenerationError(f"continuous batching needs an artifact whose attention masks each row by its own "
-                                  f"positions and lengths; this {backend.manifest.dialect} artifact does not "
+        needs = ["mixed_lengths"] + (["cache_append"] if config.prefill == "mixed" else [])
+        if not all(backend.manifest.allows(c) for c in needs):
+            raise GenerationError(f"continuous batching ({config.prefill} prefill) needs an artifact that allows "
+                                  f"{' and '.join(needs)}; this {backend.manifest.dialect} artifact does not "
                                   f"(re-optimize with --dialect std)")
         self.backend, self.config, self.tokenizer = backend, config, tokenizer
         self.eos_ids = generation_eos_ids(backend.artifact, backend.manifest)

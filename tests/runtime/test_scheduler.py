@@ -22,6 +22,25 @@ def backend(exported, one_thread):
         yield b
 
 
+@pytest.fixture(scope="module")
+def gqa_backend(exported, tmp_path_factory, one_thread):
+    from decodekit.graphs.pipeline import optimize
+    from decodekit.runtime.ort_backend import OrtBackend
+
+    out = tmp_path_factory.mktemp("gqa") / "artifact"
+    optimize(exported("preset:tiny"), out, "ort-gqa")
+    with OrtBackend(out, intra_op_threads=1) as b:
+        yield b
+
+
+def test_side_prefill_on_the_ort_gqa_dialect(gqa_backend) -> None:
+    """GroupQueryAttention decodes rows of different lengths in one step: the side prefill serves ort-gqa."""
+    prompts = _prompts(10, seed=5)
+    with Scheduler(gqa_backend, SchedulerConfig(slots=4)) as sched:
+        results = [s.result() for s in [sched.submit(Request(tuple(p), 9, GREEDY, eos_ids=())) for p in prompts]]
+    assert [r.token_ids for r in results] == [_alone(gqa_backend, p, 9) for p in prompts]
+
+
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(3, 500, size=int(rng.integers(1, 40))).tolist() for _ in range(n)]
