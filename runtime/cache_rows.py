@@ -37,7 +37,7 @@ def as_torch(buffer: Any) -> Any:
     view = _Interface(buffer)
     if hasattr(view, "__array_interface__"):
         return torch.from_numpy(np.asarray(view))
-    return torch.as_tensor(view, device=f"cuda:{buffer.device_id()}")
+    return torch.as_tensor(view)  # torch finds the device that owns the pointer
 
 
 class RowCopier:

@@ -77,6 +77,7 @@ class Stream:
         self._async: asyncio.Queue[Delta] | None = asyncio.Queue() if loop is not None else None
         self._cancelled = threading.Event()
         self._wake = wake  # the scheduler's wake-up, so a cancel is seen at once
+        self._result: Completion | None = None
         self.done = False
 
     # --------------------------------------------------------------------------------------- caller side
@@ -111,8 +112,11 @@ class Stream:
                 return
 
     def result(self) -> Completion:
-        """Block until the request finishes; its tokens, text and finish reason."""
-        return collect(self.submitted, iter(self))
+        """Block until the request finishes; its tokens, text and finish reason (only the deltas not yet read
+        by iterating; a second call returns the same Completion)."""
+        if self._result is None:
+            self._result = collect(self.submitted, iter(self))
+        return self._result
 
     # --------------------------------------------------------------------------------------- engine side
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..runtime.backend import Backend
+    from .serve_app import Server
 
 
 @click.command("serve")
@@ -33,6 +38,7 @@ def command(artifact: str, host: str, port: int, device: str, max_queue: int, sl
         import prometheus_client  # noqa: F401
     except ModuleNotFoundError as e:
         raise UserError(f"decodekit serve needs the {e.name} package: pip install 'decodekit[serve]'") from None
+    _check_address(host, port)
     server, backend = build_server(artifact, device=device, max_queue=max_queue, slots=slots,
                                    prefill_chunk=prefill_chunk, max_body_bytes=max_body_bytes,
                                    model_name=model_name, threads=threads)
@@ -45,7 +51,7 @@ def command(artifact: str, host: str, port: int, device: str, max_queue: int, sl
 
 def build_server(artifact: str | Path, device: str = "cpu", max_queue: int = 64, slots: int | None = None,
                  prefill_chunk: int = 256, max_body_bytes: int = 1 << 20, model_name: str | None = None,
-                 threads: int = 0):
+                 threads: int = 0) -> tuple["Server", "Backend"]:
     """The Server (tools/serve_app.py) of an artifact on the ORT backend, and that backend (caller closes both)."""
     import torch
 
@@ -68,6 +74,16 @@ def build_server(artifact: str | Path, device: str = "cpu", max_queue: int = 64,
     server = Server(scheduler, scheduler.tokenizer, ChatTemplate.from_artifact(artifact),
                     ServeOptions(model=name, max_body_bytes=max_body_bytes))
     return server, backend
+
+
+def _check_address(host: str, port: int) -> None:
+    """Refuse an address this process cannot listen on, in one line, before loading the model."""
+    import socket
+
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --host / --port") from None
 
 
 def _run(app, host: str, port: int) -> None:
