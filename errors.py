@@ -56,6 +56,18 @@ class GenerationError(ConfigError):
     """A generation request that cannot run (too long, too many prompts, empty)."""
 
 
+class QueueFullError(GenerationError):
+    """The serving scheduler's wait queue is full: try again later (`decodekit serve` answers HTTP 429)."""
+
+
+class ApiRequestError(GenerationError):
+    """A bad request to `decodekit serve`, answered with an OpenAI-style JSON error and a 4xx ``status``."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.status, self.code = param, status, code
+
+
 class ValidationError(ConfigError):
     """A validation request that cannot run (bad backend list, prompts, steps)."""
 

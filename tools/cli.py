@@ -29,6 +29,7 @@ COMMANDS = {
     "bench": "bench_cmd",
     "demo": "demo_cmd",
     "launch": "launch_cmd",
+    "serve": "serve_cmd",
 }
 
 
