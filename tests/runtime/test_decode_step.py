@@ -54,6 +54,7 @@ def test_capabilities_come_from_the_manifest(artifacts):
         std.allows("warp_drive")
 
 
+@pytest.mark.gpu
 def test_graph_refused_where_lengths_are_read_on_the_host(artifacts):
     _need_gpu()
     with pytest.raises(BackendError, match="stale lengths.*ort-gqa-static"):

@@ -108,6 +108,7 @@ def _greedy(backend, prompt: list[int], new_tokens: int) -> tuple[list[int], lis
     return tokens, steps
 
 
+@pytest.mark.gpu
 @gpu
 def test_matches_torch_and_ort_backends(engine_tiny):
     prompt, new = [1, 17, 42, 99, 7, 250, 3], 24
@@ -123,6 +124,7 @@ def test_matches_torch_and_ort_backends(engine_tiny):
         assert top1 == 1.0 and trt_tokens == ref_tokens
 
 
+@pytest.mark.gpu
 @gpu
 def test_cache_is_updated_in_place(engine_tiny):
     with load_backend("tensorrt", engine_tiny) as trt:
@@ -140,6 +142,7 @@ def test_cache_is_updated_in_place(engine_tiny):
             assert bool(c[:, :, :S].abs().sum() > 0) and bool(c[:, :, S:].abs().sum() == 0)
 
 
+@pytest.mark.gpu
 @gpu
 def test_decode_graph_replay_matches_plain_execution(engine_tiny):
     prompt = [1, 5, 9, 200]
@@ -151,6 +154,7 @@ def test_decode_graph_replay_matches_plain_execution(engine_tiny):
     assert max(float(np.abs(x - y).max()) for x, y in zip(la, lb)) < 1e-2
 
 
+@pytest.mark.gpu
 @gpu
 def test_corrupt_engine_asks_for_a_rebuild(engine_tiny, tmp_path):
     bad = tmp_path / "bad"
@@ -246,6 +250,7 @@ class _StandInEngine:
         return self.io[n][2]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU (any: the engine is a stand-in)")
 @pytest.mark.parametrize("graphs", [True, False])
 def test_backend_mechanics_with_a_stand_in_engine(onnx_tiny, tmp_path, monkeypatch, graphs):
@@ -307,6 +312,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(GPUS < 2, reason=NEEDS_GPU + " (two of them, for tp=2)")
 def test_tp2_engines_match_tp1(engine_tiny, tmp_path):
     import os
