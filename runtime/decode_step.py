@@ -140,9 +140,18 @@ class DecodeStep:
         return self._graph is not None
 
     def _ctx(self) -> Any:
+        """CUDA: the backend's stream, on which every kernel of the step goes."""
+        import contextlib
+
         import torch
 
-        return torch.cuda.stream(self.stream) if self.stream is not None else _one_cpu_thread()
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def _sampling_ctx(self) -> Any:
+        """CPU: the sampler's small [B, V] ops on one thread (the backend's run keeps its own threads)."""
+        import contextlib
+
+        return _one_cpu_thread() if self.stream is None else contextlib.nullcontext()
 
     def start(self, prompts: Sequence[Sequence[int]], last_BV: Any, lens_B: np.ndarray) -> None:
         """Choose token 0 from the prefill's last logits and point the inputs at each sequence's end."""
@@ -151,7 +160,7 @@ class DecodeStep:
         self.channel.clear()
         self.sampler.reset(prompts)
         lens = torch.from_numpy(np.stack([lens_B, lens_B, lens_B + 1]).astype(np.int64))
-        with self._ctx(), torch.no_grad():
+        with self._ctx(), self._sampling_ctx(), torch.no_grad():
             self.state.inputs[1:].copy_(lens.to(self.state.inputs.device, non_blocking=False))
             self._choose(last_BV.to(self.state.inputs.device))
         self.channel.push(self.sent)
@@ -185,8 +194,9 @@ class DecodeStep:
         logits = self.backend.run_decode(self.state)
         if logits is not self._logits:  # a backend with a fixed logits buffer returns the same tensor each step
             self._logits, self._logits_BV = logits, logits[:, 0]
-        self._choose(self._logits_BV)
-        self._lengths.add_(1)
+        with self._sampling_ctx():
+            self._choose(self._logits_BV)
+            self._lengths.add_(1)
         return self.sent
 
     # --------------------------------------------------------------------------------------------- capture
