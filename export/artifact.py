@@ -29,7 +29,8 @@ from .ops import ONNX_OPSET
 from .sharding import check_tp
 from .tokenizer import copy_tokenizer, write_tiny_tokenizer
 from .trace import trace
-from .weights import WeightSource, WeightSpec, bind_weights, open_source, rank_weights, template_model, weight_specs
+from .weights import (WeightSource, WeightSpec, bind_weights, open_source, prefetched, rank_weights, template_model,
+                      weight_specs)
 
 
 Progress = Callable[[str], None]
@@ -135,7 +136,7 @@ def _write_ranks(skeleton: onnx.ModelProto, specs: list[WeightSpec], weights: We
     total = sum(s.nbytes for s in specs) * options.tp
     written(0, total)
     try:
-        for ref, tensors in rank_weights([s.ref for s in specs], weights, config, options.tp):
+        for ref, tensors in prefetched(rank_weights([s.ref for s in specs], weights, config, options.tp)):
             for w, t in zip(writers, tensors):
                 if tuple(t.shape) != shapes[ref.name]:
                     raise RuntimeError(f"{ref.name}: traced shape {shapes[ref.name]}, weight {tuple(t.shape)}")

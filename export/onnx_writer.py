@@ -10,6 +10,7 @@ tensor passes through memory once and no whole-model protobuf is ever built.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,19 +39,38 @@ def _field(number: int, length: int) -> bytes:
     return _varint(number << 3 | 2) + _varint(length)
 
 
+_OVERLAP_BYTES = 1 << 20  # chunks at least this large are hashed on a second thread while they are written
+
+
 class _HashedFile:
     def __init__(self, path: Path) -> None:
         self.path, self.sha, self.bytes = path, hashlib.sha256(), 0
         self.f: BinaryIO = open(path, "wb")
+        self._hasher: ThreadPoolExecutor | None = None
 
     def write(self, data) -> None:
-        self.f.write(data)
-        self.sha.update(data)
+        if len(data) < _OVERLAP_BYTES:
+            self.f.write(data)
+            self.sha.update(data)
+        else:  # hashlib and file writes release the GIL: hash and write the same chunk at once
+            if self._hasher is None:
+                self._hasher = ThreadPoolExecutor(1, thread_name_prefix="decodekit-sha256")
+            hashed = self._hasher.submit(self.sha.update, data)
+            try:
+                self.f.write(data)
+            finally:
+                hashed.result()
         self.bytes += len(data)
 
     def close(self) -> FileEntry:
         self.f.close()
+        self._shutdown()
         return FileEntry(self.path.name, self.sha.hexdigest(), self.bytes)
+
+    def _shutdown(self) -> None:
+        if self._hasher is not None:
+            self._hasher.shutdown()
+            self._hasher = None
 
 
 class OnnxWriter:
@@ -92,6 +112,7 @@ class OnnxWriter:
         return entry, ([self.data.close()] if self.data is not None else [])
 
     def abort(self) -> None:
-        self.onnx.f.close()
-        if self.data is not None:
-            self.data.f.close()
+        for f in (self.onnx, self.data):
+            if f is not None:
+                f.f.close()
+                f._shutdown()

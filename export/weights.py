@@ -16,10 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import queue
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterable, Iterator, Protocol, TypeVar
 
 import numpy as np
 import onnx
@@ -249,6 +251,55 @@ def rank_weights(refs: list[WeightRef], source: WeightSource, config: ModelConfi
         for r in group:
             name = _LAYER_PARAM.match(r.param).group(2)
             yield r, [_as_stored(params[name], r.transpose) for params in ranks]
+
+
+T = TypeVar("T")
+_END = object()
+
+
+def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """`items`, produced by a background thread at most `depth` items ahead of the consumer.
+
+    The export streams weights: reading, converting and transposing the next tensor (file reads and torch
+    kernels release the GIL) overlaps writing and hashing the current one. `depth` bounds the extra memory to
+    that many tensors. An exception in the producer is raised in the consumer; a consumer that stops early
+    stops the producer at its next item."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((_END, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            q.put((_END, e))
+
+    thread = threading.Thread(target=produce, name="decodekit-weight-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it see `stop`
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
 
 
 def _as_stored(t: torch.Tensor, transpose: bool) -> torch.Tensor:

@@ -15,7 +15,7 @@ from decodekit.export.artifact import ExportOptions, export_artifact
 from decodekit.export.checkpoint import CheckpointError, load_hf, random_model
 from decodekit.export.config import preset
 from decodekit.export.onnx_writer import OnnxWriter
-from decodekit.export.weights import parse_weight_name
+from decodekit.export.weights import parse_weight_name, prefetched
 
 
 def _rewrite(src, dst, edit) -> None:
@@ -93,6 +93,52 @@ def test_writer_output_is_valid_onnx_inline_and_external(tmp_path):
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         out = sess.run(None, {"x": np.ones((2, 3), np.float32)})[0]
         np.testing.assert_array_equal(out, np.ones((2, 3), np.float32) @ w.numpy())
+
+
+def test_writer_hashes_large_tensors_while_writing_them(tmp_path):
+    """Tensors over the overlap threshold are hashed on a second thread: the recorded sha256 is still the file's."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1024])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 512])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "W"], ["y"])], "g", [x], [y])
+    skeleton = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 24)])
+    w = torch.randn(1024, 512, generator=torch.Generator().manual_seed(0))  # 2 MiB
+    for external in (False, True):
+        path = tmp_path / f"big{int(external)}.onnx"
+        writer = OnnxWriter(path, skeleton, external)
+        writer.add("W", w)
+        onnx_entry, data = writer.close()
+        assert onnx_entry.sha256 == verify_cache.known_sha256(path, use_disk=False)
+        for entry in data:
+            assert entry.sha256 == verify_cache.known_sha256(tmp_path / entry.file, use_disk=False)
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0],
+                                                                 base_dir=str(tmp_path)), w.numpy())
+
+
+def test_prefetched_keeps_order_raises_and_stops_early():
+    """The weight reader thread: same items in order, the producer's error in the consumer, early exit stops it."""
+    assert list(prefetched(iter(range(50)))) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("broken source")
+
+    it = prefetched(failing())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="broken source"):
+        next(it)
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    it = prefetched(endless(), depth=1)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()  # the consumer stops: the producer thread ends within a step or two
+    assert len(produced) <= 6
 
 
 def test_export_fills_the_verify_cache(tmp_path, monkeypatch):
