@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from .. import dtypes
 from ..errors import TpError  # noqa: F401 - re-exported
 from ..export.manifest import Manifest
 from .backend import Backend, BackendError, StepState, register, resolve_options
 from .iobinding import bind_tensor
 from .ort_backend import STEP_INPUTS, OrtOptions, create_session
 
-TORCH_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 OP_ALLOCATE, OP_STEP, OP_STOP = 1, 2, 3
 HEADER = 4  # op, batch, seq, reserved
 
@@ -246,7 +246,7 @@ class TpOrtBackend(Backend):
         except KeyError as e:
             raise TpError(f"{info.name}: dimension {e.args[0]!r} is neither batch nor seq; "
                           f"cannot size its buffer") from None
-        return torch.empty(shape, dtype=getattr(torch, TORCH_DTYPES[info.dtype]), device=self.group.device)
+        return torch.empty(shape, dtype=dtypes.dtype(info.dtype).torch, device=self.group.device)
 
     # ---------------------------------------------------------------------------------------- allocation
 

@@ -24,14 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from ..dtypes import from_trt
 from ..export.manifest import Manifest
 from ..export.names import STEP_INPUTS, past_names, present_names
 from ..graphs.trt import api
 from ..graphs.trt.profiles import profile_for
 from .backend import Backend, BackendError, StepState, register, resolve_options
 
-TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
-                "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
 
 
 @dataclass(frozen=True)
@@ -254,7 +253,7 @@ def _engine_io(engine: Any, artifact: Path, num_layers: int) -> _IO:
                            f"re-export and rebuild it")
 
     def dtype(n: str) -> Any:
-        return getattr(torch, TORCH_DTYPES[engine.get_tensor_dtype(n).name])
+        return from_trt(engine.get_tensor_dtype(n)).torch
 
     caches = {n: (tuple(engine.get_tensor_shape(n)), dtype(n)) for n in past_names(num_layers) if n in inputs}
     return _IO(inputs, caches, dtype("logits"), outputs)

@@ -9,9 +9,13 @@ import statistics
 import time
 from typing import Callable
 
+from ..dtypes import precision
 from ..export.config import ModelConfig
 
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+def dtype_bytes(name: str) -> int:
+    return precision(name).itemsize
+
 
 
 def median_ms(fn: Callable[[], object], iters: int, warmup: int = 3, sync: Callable[[], None] = lambda: None) -> float:
@@ -33,7 +37,7 @@ def weight_bytes(config: ModelConfig, dtype: str, tp: int = 1) -> int:
     c = config
     layer = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
     params = c.num_layers * layer / tp + c.vocab_size * c.hidden_size
-    return int(params * DTYPE_BYTES[dtype])
+    return int(params * dtype_bytes(dtype))
 
 
 def artifact_weight_bytes(manifest) -> int:
@@ -50,7 +54,7 @@ def artifact_weight_bytes(manifest) -> int:
 def kv_bytes(config: ModelConfig, dtype: str, batch: int, kv_len: int, tp: int = 1) -> int:
     """Bytes of K and V read per decode step at a valid length kv_len."""
     kv_heads = max(config.num_kv_heads // tp, 1)
-    return 2 * config.num_layers * batch * kv_heads * kv_len * config.head_dim * DTYPE_BYTES[dtype]
+    return 2 * config.num_layers * batch * kv_heads * kv_len * config.head_dim * dtype_bytes(dtype)
 
 
 def cpu_read_bandwidth(gib: float = 1.0, iters: int = 7) -> float:
