@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..dtypes import precision
 from ..export.checkpoint import CheckpointError, load_source
 from ..export.config import ConfigError
 from ..export.manifest import Manifest
@@ -25,6 +26,9 @@ class TorchOptions:
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
     torch_source: str | None = None  # overrides manifest.source (preset:NAME or a Hugging Face folder)
     seed: int | None = None  # weight seed of a preset source; None = the manifest's (0 when it records none)
+    # compute in this precision with the artifact's own weights upcast (the fp32 judge of `validate --mode judge`);
+    # None = the artifact's dtype
+    compute_dtype: str | None = None
 
 
 @register("torch")
@@ -99,6 +103,8 @@ def _rebuild(artifact: Path, m: Manifest, options: TorchOptions):
     except (ConfigError, CheckpointError, OSError) as e:
         raise BackendError(f"the torch backend rebuilds the model from {source!r} and could not: {e}; "
                            f"{SOURCE_HINT}") from None
+    if options.compute_dtype is not None:
+        model = model.to(precision(options.compute_dtype).torch)
     if model.config != m.config:
         raise BackendError(f"{source!r} is not the model of {artifact} (its config differs from the manifest's); "
                            f"{SOURCE_HINT}")
