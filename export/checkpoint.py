@@ -10,7 +10,7 @@ import torch
 
 from ..dtypes import precision
 from ..errors import CheckpointError  # noqa: F401 - re-exported
-from .config import Accounting, ConfigError, ModelConfig, account, load_hf_config, preset, read_hf_config
+from .config import Accounting, ModelConfig, account, load_hf_config, preset, read_hf_config
 from .gguf import gguf_accounting, gguf_config, is_gguf, load_gguf
 from .model import Decoder
 
