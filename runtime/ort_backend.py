@@ -24,7 +24,7 @@ import numpy as np
 
 from ..dtypes import PRECISIONS, precision
 from ..export.manifest import Manifest
-from .backend import Backend, BackendError, StepState, register, resolve_options
+from .backend import Backend, BackendError, StepState, register
 from .iobinding import bind_tensor
 
 from ..export.names import STEP_INPUTS, past_names, present_names  # noqa: F401 - re-exported
@@ -73,21 +73,19 @@ class OrtHandles:
 
 @register("ort")
 class OrtBackend(Backend):
-    def __init__(self, artifact: str | Path, options: OrtOptions | None = None, *, manifest: Manifest | None = None,
-                 rank: int = 0, **overrides: Any) -> None:
-        super().__init__(artifact, manifest, rank)
-        self.options = resolve_options(OrtOptions, options, overrides, "ort")
+    options_type = OrtOptions
+    options: OrtOptions
+    tp1_only = "run it with `decodekit launch {artifact}` (one process per rank)"
+
+    def _setup(self) -> None:
         m = self.manifest
-        if m.tp > 1:
-            raise BackendError(f"{self.artifact} has tp={m.tp} ranks; one process runs tp=1 artifacts only: "
-                               f"run it with `decodekit launch {self.artifact}` (one process per rank)")
         if m.dtype not in PRECISIONS:
             raise BackendError(f"{self.artifact}: unsupported dtype {m.dtype!r} for the ort backend")
         self.num_layers = m.config.num_layers
         self.kv_shape = (int(m.kv_layout["kv_heads_local"]), m.max_seq, int(m.kv_layout["head_dim"]))
         self.vocab = m.config.vocab_size
         self.cuda_graph = self._wants_cuda_graph()
-        self.session = create_session(m.rank_file(self.artifact, rank), self.options, cuda=self._cuda_setup())
+        self.session = create_session(m.rank_file(self.artifact, self.rank), self.options, cuda=self._cuda_setup())
         self._decode_run = self._run_options(sync=False)
         self._check_io()
 

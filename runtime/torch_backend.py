@@ -18,7 +18,7 @@ from ..dtypes import precision
 from ..export.checkpoint import CheckpointError, load_source
 from ..export.config import ConfigError
 from ..export.manifest import Manifest
-from .backend import Backend, BackendError, StepState, register, resolve_options
+from .backend import Backend, BackendError, StepState, register
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,12 @@ class TorchOptions:
 class TorchBackend(Backend):
     """Reference backend. step() returns np.ndarray logits on the CPU, a torch.Tensor on CUDA."""
 
-    def __init__(self, artifact: str | Path, options: TorchOptions | None = None, *, manifest: Manifest | None = None,
-                 rank: int = 0, **overrides: Any) -> None:
-        super().__init__(artifact, manifest, rank)
-        self.options = resolve_options(TorchOptions, options, overrides, "torch")
+    options_type = TorchOptions
+    options: TorchOptions
+    tp1_only = "export a tp=1 artifact for reference runs"
+
+    def _setup(self) -> None:
         m = self.manifest
-        if m.tp > 1:
-            raise BackendError(f"{self.artifact} has tp={m.tp}; the torch reference backend runs tp=1 artifacts only "
-                               f"(export a tp=1 artifact for reference runs)")
         self.device = _device(self.options.device)
         self.model = _rebuild(self.artifact, m, self.options).to(self.device)
 

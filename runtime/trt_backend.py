@@ -29,7 +29,7 @@ from ..export.manifest import Manifest
 from ..export.names import STEP_INPUTS, past_names, present_names
 from ..graphs.trt import api
 from ..graphs.trt.profiles import profile_for
-from .backend import Backend, BackendError, StepState, register, resolve_options
+from .backend import Backend, BackendError, StepState, register
 
 
 
@@ -54,11 +54,11 @@ class TrtHandles:
 
 @register("tensorrt")
 class TensorRTBackend(Backend):
-    def __init__(self, artifact: str | Path, options: TensorRTOptions | None = None, *, manifest: Manifest | None = None,
-                 rank: int = 0, **overrides: Any) -> None:
-        super().__init__(artifact, manifest, rank)
-        self.options = resolve_options(TensorRTOptions, options, overrides, "tensorrt")
-        entry = _engine_entry(self.artifact, self.manifest, rank)
+    options_type = TensorRTOptions
+    options: TensorRTOptions
+
+    def _setup(self) -> None:
+        entry = _engine_entry(self.artifact, self.manifest, self.rank)
         torch = _cuda_torch()
         self.t = api.load()
         self.device = torch.device("cuda", self.options.device_id if self.options.device_id is not None

@@ -236,7 +236,7 @@ def _open_transformers(artifact: Path, reference_source: str | None) -> Any:
     from ..export.manifest import read_manifest
     from .hf_reference import TransformersReference
 
-    return TransformersReference(artifact, read_manifest(artifact, verify=False), reference_source)
+    return TransformersReference(artifact, manifest=read_manifest(artifact, verify=False), source=reference_source)
 
 
 # --reference NAME -> opener(artifact, reference_source): a reference model that is not one of the artifact's backends
