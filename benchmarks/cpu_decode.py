@@ -15,26 +15,19 @@ median of its per-round ratios to the first system listed. Greedy tokens: first 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
-from harness import Checkpoint, compare_tokens, log, random_prompts, read_bandwidth, run_systems, save_json, \
-    systems_option
+from harness import Checkpoint, bar_plot, compare_tokens, log, random_prompts, read_bandwidth, run_systems, save_json, \
+    study_parser, systems_option
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = study_parser(__doc__, "/tmp/decodekit-cpu-decode", "decodekit,decodekit-1thread,genai,transformers")
     ap.add_argument("--model", default="llama-156m", help="a preset name: the checkpoint's shape")
     ap.add_argument("--dtype", default="fp32")
-    ap.add_argument("--systems", default="decodekit,decodekit-1thread,genai,transformers")
-    ap.add_argument("--steps", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads of the torch systems (0: default)")
     ap.add_argument("--roofline", action="store_true", help="measure the read bandwidth before every round")
-    ap.add_argument("--work", default="/tmp/decodekit-cpu-decode")
-    ap.add_argument("--out")
     a = ap.parse_args(argv)
     import torch
 
@@ -71,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
                  if f"first_divergence_from_{first}" in row else ""))
     if a.out:
         save_json(doc, a.out)
+    if a.plot:
+        measured = {s: [row.get("ms")] for s, row in doc["systems"].items()}
+        bar_plot([f"{a.model} {a.dtype} batch 1"], measured, a.plot, "decode ms / token (lower is better)")
 
 
 if __name__ == "__main__":

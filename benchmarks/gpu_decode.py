@@ -13,13 +13,12 @@ rounds alternating; the JSON keeps every round. Needs onnxruntime-gpu, onnxrunti
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 from harness import SYSTEMS, Checkpoint, bar_plot, build_genai, compare_tokens, log, random_prompts, run_systems, \
-    save_json, systems_option
+    save_json, study_parser, systems_option
 
 
 def bench_model(name: str, systems: dict, batches: list[int], steps: int, prompt_len: int, rounds: int,
@@ -56,16 +55,9 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = study_parser(__doc__, "/tmp/decodekit-gpu-decode", "decodekit,decodekit-logprobs,decodekit-nograph,"
+                      "genai-graph,genai", batches="1,8", out_required=True)
     ap.add_argument("--models", default="llama-3.2-1b")
-    ap.add_argument("--systems", default="decodekit,decodekit-logprobs,decodekit-nograph,genai-graph,genai")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--steps", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--work", default="/tmp/decodekit-gpu-decode")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--plot")
     ap.add_argument("--replot", action="store_true", help="only draw --plot from an existing --out JSON")
     a = ap.parse_args(argv)
     if a.replot:

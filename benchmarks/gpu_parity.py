@@ -6,7 +6,7 @@ model's attention shape (fast to export: the question is the attention kernels, 
 
 Per head_dim: a 4-layer fp16 checkpoint with the --like preset's RoPE and GQA group (hidden 1024, vocabulary 32000;
 --layers / --hidden / --vocab make it smaller, e.g. for a CPU run with --device cpu), made with
-transformers' own classes and exported; per batch (32-token prompts, --steps greedy steps) every artifact's
+transformers' own classes and exported; per batch (--prompt-len 32-token prompts, --steps greedy steps) every artifact's
 free-running greedy tokens against the torch backend's on the GPU: ort-gqa-static with and without its CUDA graph,
 ort-gqa-uniform (batch 1: its total_sequence_length is computed on the device), std. The first divergence is
 reported (--steps = identical throughout).
@@ -14,11 +14,10 @@ reported (--steps = identical throughout).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
-from harness import Checkpoint, log, random_prompts, save_json
+from harness import Checkpoint, log, random_prompts, save_json, study_parser
 
 DIALECTS = {  # label -> (dialect, ort backend options, largest batch it is checked at)
     "ort-gqa-static": ("ort-gqa-static", (), None),
@@ -29,17 +28,13 @@ DIALECTS = {  # label -> (dialect, ort backend options, largest batch it is chec
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = study_parser(__doc__, "/tmp/decodekit-parity", steps=64, batches="1,4")
     ap.add_argument("--like", default="llama-3.1-8b")
     ap.add_argument("--head-dims", default="128,64")
-    ap.add_argument("--batches", default="1,4")
-    ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=1024, help="hidden size (intermediate: 2.75x)")
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--work", default="/tmp/decodekit-parity")
-    ap.add_argument("--out")
     a = ap.parse_args(argv)
     from decodekit.export.artifact import ExportOptions, export_artifact
     from decodekit.export.config import preset
@@ -55,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
                                   num_heads=2 * group, num_kv_heads=2, head_dim=hd, vocab_size=a.vocab,
                                   bos_token_id=None, eos_token_ids=())
         name = f"parity-{a.like}-hd{hd}-L{a.layers}-h{a.hidden}-v{a.vocab}"
-        ck = Checkpoint.make(name, Path(a.work), "fp16", a.device, 32 + a.steps + 32, max(batches), config=cfg)
+        ck = Checkpoint.make(name, Path(a.work), "fp16", a.device, a.prompt_len + a.steps + 32, max(batches),
+                             config=cfg)
         std = ck.work / f"{ck.hf.name}-std"
         if not (std / "manifest.json").exists():
             export_artifact(str(ck.hf), std, ExportOptions(dtype="fp16", max_seq=ck.max_seq, max_batch=ck.max_batch,
@@ -69,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             specs = [BackendSpec("torch")] + [
                 BackendSpec("ort", str(arts[d]), options, alias=label)
                 for label, (d, options, most) in DIALECTS.items() if most is None or batch <= most]
-            report = validate(std, specs, random_prompts(batch, 32, cfg.vocab_size), a.steps - 1, device=a.device,
+            report = validate(std, specs, random_prompts(batch, a.prompt_len, cfg.vocab_size), a.steps - 1, device=a.device,
                               mode="parity", bisect=False, progress=log)
             for c in report.comparisons:
                 first = c.greedy.first_divergence

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import Checkpoint, bar_plot, compare_tokens, dense_step_bytes, kv_bytes, log, random_prompts, \
-    run_systems, save_json, systems_option, weight_bytes
+    read_bandwidth, run_systems, save_json, study_parser, systems_option, weight_bytes
 
 # the weight-reading kernels: cuBLAS (nvjet / gemm / gemv and its split-K reduction), ORT's MatMulNBits kernels
 GEMM_KERNEL = re.compile(r"nvjet|gemm|gemv|splitKreduce|MatMulFloat\dBits|Dequantize\dBits", re.IGNORECASE)
@@ -65,13 +65,13 @@ def overhead_budget(ms: float, kernels: dict[str, Any], step_bytes: int, bw: flo
 
 def bench_one(name: str, dtype: str, batches: list[int], systems: dict[str, Any], a: argparse.Namespace,
               bw: float) -> list[dict[str, Any]]:
-    ck = Checkpoint.make(name, Path(a.work), dtype, "cuda", a.prompt_len + a.steps + 32, max(batches))
+    ck = Checkpoint.make(name, Path(a.work), dtype, a.device, a.prompt_len + a.steps + 32, max(batches))
     config, kv_len, rows = ck.config, a.prompt_len + a.steps // 2, []
     for batch in batches:
         prompts = random_prompts(batch, a.prompt_len, config.vocab_size)
         profile = (lambda s, runner: {"kernels": kernel_profile(lambda: runner.run(prompts, 33), 32)}) \
             if a.profile else None
-        out = run_systems(systems, ck, prompts, a.steps, alternate=False, after=profile)
+        out = run_systems(systems, ck, prompts, a.steps, a.rounds, alternate=False, after=profile)
         compare_tokens(out, "torch-eager")
         row = {"model": name, "dtype": dtype, "batch": batch, "prompt_len": a.prompt_len, "steps": a.steps,
                "weight_bytes": weight_bytes(config, dtype), "kv_bytes_mid": kv_bytes(config, dtype, batch, kv_len),
@@ -137,21 +137,17 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = study_parser(__doc__, "/tmp/decodekit-bench", "decodekit,decodekit-std-no-nonpad,torch-eager,torch-compile,"
+                      "transformers-static", batches="1,8", out_required=True)
     ap.add_argument("--models", default="llama-3.2-1b")
     ap.add_argument("--dtypes", default="fp16")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--systems", default="decodekit,decodekit-std-no-nonpad,torch-eager,torch-compile,"
-                                         "transformers-static")
-    ap.add_argument("--steps", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--work", default="/tmp/decodekit-bench")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--plot")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: the same study against the CPU's read bandwidth (a small run, e.g. to check the study)")
     ap.add_argument("--profile", action="store_true", help="CUDA kernel time per step of every system")
     ap.add_argument("--gemm-ceiling", action="store_true", help="the step's linear layers alone in cuBLAS")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="run nothing: merge earlier results of one device")
     ap.add_argument("--replot", action="store_true", help="run nothing: draw --plot from the --out JSON")
+    ap.set_defaults(rounds=1)
     a = ap.parse_args(argv)
     if a.replot or a.merge:
         docs = [json.loads(Path(f).read_text()) for f in (a.merge or [a.out])]
@@ -160,14 +156,15 @@ def main(argv: list[str] | None = None) -> None:
         doc = {"device": docs[0]["device"], "copy_bw_Bps": [d["copy_bw_Bps"] for d in docs],
                "rows": merge_rows([r for d in docs for r in d["rows"]])} if a.merge else docs[0]
     else:
+        import platform
+
         import torch
 
-        from decodekit.tools.benchmarking import gpu_copy_bandwidth
-
         systems = systems_option(a.systems)
-        bw = gpu_copy_bandwidth()
-        log(f"{torch.cuda.get_device_name()}: D2D copy {bw / 1e12:.2f} TB/s (read + write)")
-        doc = {"device": torch.cuda.get_device_name(), "copy_bw_Bps": bw, "rows": []}
+        bw = read_bandwidth(a.device)
+        device = torch.cuda.get_device_name() if a.device == "cuda" else f"cpu {platform.processor()}"
+        log(f"{device}: memory bandwidth {bw / 1e12:.2f} TB/s (CUDA: a D2D copy, read + write)")
+        doc = {"device": device, "copy_bw_Bps": bw, "rows": []}
         for name in a.models.split(","):
             for dtype in a.dtypes.split(","):
                 doc["rows"] += bench_one(name, dtype, [int(b) for b in a.batches.split(",")], systems, a, bw)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -381,6 +382,24 @@ SYSTEMS: dict[str, Any] = {
     "genai-graph": Genai(graph=True),
     "genai-int4": Genai(precision="int4"),
 }
+
+
+def study_parser(doc: str, work: str, systems: str | None = None, steps: int = 128, batches: str | None = None,
+                 out_required: bool = False) -> argparse.ArgumentParser:
+    """The options studies share: --systems (names of SYSTEMS), --batches, --steps, --prompt-len, --rounds, --work,
+    --out, --plot; a study adds its own."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if systems is not None:
+        ap.add_argument("--systems", default=systems, help="comma-separated names of harness.SYSTEMS")
+    if batches is not None:
+        ap.add_argument("--batches", default=batches)
+    ap.add_argument("--steps", type=int, default=steps, help="greedy tokens per run")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (alternating between the systems)")
+    ap.add_argument("--work", default=work, help="where checkpoints and artifacts are made (once)")
+    ap.add_argument("--out", required=out_required, help="the results JSON")
+    ap.add_argument("--plot", help="a PNG of the results")
+    return ap
 
 
 def systems_option(text: str) -> dict[str, Any]:

@@ -109,3 +109,21 @@ def test_serve_load_runs_small(tmp_path, exported):
         for mode in ("continuous", "fixed"):
             assert level[mode]["tokens_per_s"] > 0 and level[mode]["ttft_p99_ms"] >= level[mode]["ttft_p50_ms"]
     assert png.stat().st_size > 10_000
+
+
+def test_gpu_roofline_study_runs_on_the_cpu(tmp_path):
+    """The roofline study's path (systems one at a time, bytes per system, the bound, the table) with the CPU's read
+    bandwidth: a graph edit, a quantized artifact and transformers' static cache among the systems."""
+    out, png = tmp_path / "roof.json", tmp_path / "roof.png"
+    systems = "decodekit-std-no-nonpad,decodekit-int4-sym,transformers-static,torch-eager"
+    r = _run("benchmarks/gpu_roofline.py", "--device", "cpu", "--models", "tiny", "--dtypes", "fp32", "--batches", "1",
+             "--systems", systems, "--steps", "10", "--prompt-len", "8", "--work", str(tmp_path / "work"),
+             "--out", str(out), "--plot", str(png))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert list(row["systems"]) == systems.split(",") and row["roofline_ms"] > 0 and png.stat().st_size > 10_000
+    for name, v in row["systems"].items():
+        assert v["ms"] > 0 and v["roofline_fraction"] > 0, (name, v)
+    quant, dense = row["systems"]["decodekit-int4-sym"], row["systems"]["torch-eager"]
+    assert quant["bytes_per_step"] < dense["bytes_per_step"]  # the packed int4 weights are counted
+    assert row["systems"]["decodekit-std-no-nonpad"]["first_divergence_from_torch-eager"] == 10
