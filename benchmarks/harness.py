@@ -8,8 +8,8 @@
 - ``SYSTEMS``, the registry: a name -> a frozen spec of how to build and run that system on the checkpoint:
   decodekit (dialects, pass options, quantization, graph edits, threads, CUDA graph), transformers (eager or static
   cache), decodekit's PyTorch Decoder in a gpt-fast loop (eager or torch.compile), onnxruntime-genai. A variant is
-  a new entry (data), never a flag parsed out of a name. Runners: decodekit's from the package, the peers' in benchmarks/peers.py,
-  the PyTorch loop in benchmarks/torch_loop.py.
+  a new entry (data), never a flag parsed out of a name. Runners: decodekit's from the package, the peers' in
+  benchmarks/peers.py, the PyTorch loop in benchmarks/torch_loop.py.
 - ``run_systems``: warm-up, then timed rounds alternating the systems (or one system at a time, to fit GPU
   memory), failures recorded, not fatal; greedy tokens compared with a reference system (first divergence).
 - What `decodekit bench` also uses comes from the package (decodekit.tools.benchmarking: prompts, the timed
