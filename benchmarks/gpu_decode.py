@@ -14,11 +14,12 @@ rounds alternating; the JSON keeps every round. Needs onnxruntime-gpu, onnxrunti
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
-from harness import SYSTEMS, Checkpoint, bar_plot, build_genai, compare_tokens, log, random_prompts, run_systems, \
-    save_json, study_parser, systems_option
+from harness import SYSTEMS, Checkpoint, bar_plot, build_genai, compare_tokens, export_folder, log, random_prompts, \
+    run_systems, save_json, study_parser, systems_option
 
 
 def bench_model(name: str, systems: dict, batches: list[int], steps: int, prompt_len: int, rounds: int,
@@ -27,8 +28,10 @@ def bench_model(name: str, systems: dict, batches: list[int], steps: int, prompt
 
     ck = Checkpoint.make(name, work, "fp16", "cuda", prompt_len + steps + 32, max(batches))
     t = time.perf_counter()
-    SYSTEMS["decodekit"].artifact(ck)
+    SYSTEMS["decodekit"].artifact(ck)  # the artifact of every decodekit system here
     dk_s = time.perf_counter() - t
+    # only the optimized artifact runs: an 8B std copy would crowd the device's disk
+    shutil.rmtree(export_folder(ck), ignore_errors=True)
     _, genai_s = build_genai(ck.hf, work, "fp16", "cuda")
     log(f"{name}: decodekit export+optimize {dk_s:.0f} s, genai builder {genai_s:.0f} s")
     out = {"model": name, "decodekit_build_s": dk_s, "genai_build_s": genai_s, "batches": {}}

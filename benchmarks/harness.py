@@ -172,16 +172,17 @@ class Decodekit:
         from decodekit.graphs.passes.quantize import QuantOptions
         from decodekit.graphs.pipeline import PassOptions, optimize
 
-        std = ck.work / f"{ck.hf.name}-export"
-        if not (std / "manifest.json").exists():
-            export_artifact(str(ck.hf), std, ExportOptions(dtype=ck.dtype, max_seq=ck.max_seq, max_batch=ck.max_batch,
-                                                          logits="last", force=True), progress=log)
         dialect = self.dialect or {"cpu": "ort-gqa", "cuda": "ort-gqa-static"}[ck.device]
         quant = QuantOptions(**dict(self.quantize)) if self.quantize is not None else None
         tag = "".join(f"-{k}={v}" for k, v in self.passes) + (f"-{quant.scheme}-acc{quant.accuracy_level or 0}"
                                                                if quant else "")
         out = ck.work / f"{ck.hf.name}-{dialect}{tag}"
         if not (out / "manifest.json").exists():
+            std = export_folder(ck)
+            if not (std / "manifest.json").exists():
+                export_artifact(str(ck.hf), std, ExportOptions(dtype=ck.dtype, max_seq=ck.max_seq,
+                                                              max_batch=ck.max_batch, logits="last", force=True),
+                                progress=log)
             optimize(std, out, dialect, force=True, quantize=quant, options=PassOptions(**dict(self.passes)))
         return _edited(out, self.edit) if self.edit else out
 
@@ -195,6 +196,12 @@ class Decodekit:
     def open(self, ck: Checkpoint, batch: int) -> Runner:
         options = {"cuda_graph": self.cuda_graph} if ck.device == "cuda" else {"intra_op_threads": self.threads}
         return DecodekitRunner(self.artifact(ck), batch, "ort", self.logprobs, device=ck.device, **options)
+
+
+def export_folder(ck: Checkpoint) -> Path:
+    """Where the checkpoint's std export lives (every Decodekit system is optimized from it; a study whose systems
+    are all built may delete it, e.g. to spare a GPU host's disk at 8B)."""
+    return ck.work / f"{ck.hf.name}-export"
 
 
 def _edited(src: Path, edit: str) -> Path:
