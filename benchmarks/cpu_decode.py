@@ -1,112 +1,72 @@
-"""CPU decode: what a user gets by following the README (export, then `optimize --dialect ort-gqa`, then the loop
-`decodekit generate` runs) against onnxruntime-genai's fp32 CPU build and transformers, one checkpoint.
+"""CPU decode: systems of the harness's registry on one random checkpoint of a preset's shape, rounds alternating.
 
-    python benchmarks/cpu_decode.py --model llama-156m --rounds 5 \
-        --out results/cpu_llama-156m_vs_genai.json
+    python benchmarks/cpu_decode.py --model llama-156m --systems decodekit,decodekit-1thread,genai,transformers \
+        --rounds 3 --out results/cpu_llama-156m_vs_genai.json
+    python benchmarks/cpu_decode.py --systems decodekit-std,transformers --rounds 5 --roofline --out results/cpu_llama-156m.json
+    python benchmarks/cpu_decode.py --systems decodekit-std-int4-sym-acc4,decodekit-std,transformers --roofline \
+        --out results/cpu_quant_llama-156m.json
 
-The checkpoint is a random fp32 LlamaForCausalLM of the preset's shape. 32-token prompt, 128 greedy tokens,
-batch 1; ms/token = median over steps 8.. of the time between successive tokens; rounds alternate the systems
-and the result is the median over rounds of each system's ms and of the per-round ratios. Greedy tokens are
-compared (first divergence from decodekit's). `decodekit:1thread` is the same with one ONNX Runtime intra-op
-thread: on a busy 2-core machine ORT's default (one thread per core) ran 1.8x slower than one thread.
+Batch 1, a --prompt-len prompt, --steps greedy tokens; a system's ms/token in a round = median over steps 8.. of
+the time between successive tokens; each system's result is the median over rounds, and ``ratio_to_first`` is the
+median of its per-round ratios to the first system listed. Greedy tokens: first divergence from the first system.
+--roofline: a streaming-read bandwidth measured before every round, and each system's fraction of the bound
+(bytes read per step / bandwidth / its step time) per round. See harness.SYSTEMS for the systems.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import time
 from pathlib import Path
 
-from harness import Decodekit, Genai, build_genai, first_divergence, genai_folder, log, make_hf
-
-
-class Transformers:
-    def __init__(self, hf: Path) -> None:
-        import transformers
-
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
-
-    def run(self, prompts: list[list[int]], steps: int) -> tuple[list[float], list[list[int]]]:
-        import torch
-        import transformers
-
-        stamps: list[float] = []
-
-        class Stamp(transformers.LogitsProcessor):
-            def __call__(self, input_ids, scores):
-                stamps.append(time.perf_counter())
-                return scores
-
-        ids = torch.tensor(prompts)
-        with torch.inference_mode():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
-                                      min_new_tokens=steps, do_sample=False, pad_token_id=0,
-                                      logits_processor=[Stamp()])
-        return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])], out[:, ids.shape[1]:].tolist()
-
-
-def build_decodekit(hf: Path, work: Path, max_seq: int) -> tuple[Path, float]:
-    from decodekit.export.artifact import ExportOptions, export_artifact
-    from decodekit.graphs.pipeline import optimize
-
-    std, gqa = work / f"{hf.name}-std", work / f"{hf.name}-ort-gqa"
-    t = time.perf_counter()
-    if not (gqa / "manifest.json").exists():
-        export_artifact(str(hf), std, ExportOptions(max_seq=max_seq, max_batch=1, force=True), progress=log)
-        optimize(std, gqa, "ort-gqa", force=True)
-    return gqa, time.perf_counter() - t
+from harness import Checkpoint, bar_plot, compare_tokens, log, random_prompts, read_bandwidth, run_systems, save_json, \
+    study_parser, systems_option
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="llama-156m")
-    ap.add_argument("--steps", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="decodekit ORT intra-op threads (0 = ORT default, as genai)")
-    ap.add_argument("--work", default="/tmp/decodekit-cpu-decode")
-    ap.add_argument("--out")
+    ap = study_parser(__doc__, "/tmp/decodekit-cpu-decode", "decodekit,decodekit-1thread,genai,transformers")
+    ap.add_argument("--model", default="llama-156m", help="a preset name: the checkpoint's shape")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads of the torch systems (0: default)")
+    ap.add_argument("--roofline", action="store_true", help="measure the read bandwidth before every round")
     a = ap.parse_args(argv)
     import torch
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
-    hf = make_hf(a.model, work, "fp32", "cpu")
-    art, dk_s = build_decodekit(hf, work, a.prompt_len + a.steps + 32)
-    genai, genai_s = build_genai(hf, work, "fp32", "cpu")
-    log(f"decodekit export+optimize {dk_s:.0f} s, genai builder {genai_s:.0f} s")
-    vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
-    prompts = torch.randint(3, vocab, (1, a.prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
-    systems = {"decodekit": Decodekit(art, None, 1, logprobs=False, device="cpu", threads=a.threads),
-               "decodekit:1thread": Decodekit(art, None, 1, logprobs=False, device="cpu", threads=1),
-               "genai": Genai(genai_folder(genai, 1, a.prompt_len + a.steps, None)),
-               "transformers": Transformers(hf)}
-    rounds: dict[str, list[float]] = {s: [] for s in systems}
-    tokens: dict[str, list[list[int]]] = {}
-    for s, r in systems.items():
-        r.run(prompts, 8)  # warm-up
-    for k in range(a.rounds):
-        for s, r in systems.items():
-            times, tokens[s] = r.run(prompts, a.steps)
-            rounds[s].append(statistics.median(times[8:]))
-            log(f"round {k} {s}: {rounds[s][-1]:.2f} ms/token")
-    ratios = {s: statistics.median(o / d for o, d in zip(rounds[s], rounds["decodekit"])) for s in systems}
-    doc = {"model": a.model, "threads": a.threads, "steps": a.steps, "prompt_len": a.prompt_len,
-           "decodekit_build_s": dk_s, "genai_build_s": genai_s,
-           "systems": {s: {"ms_per_token": statistics.median(v), "rounds": v,
-                           "speedup_of_decodekit": ratios[s],
-                           "first_divergence_from_decodekit": first_divergence(tokens["decodekit"], tokens[s])}
-                       for s, v in rounds.items()}}
-    for s, v in doc["systems"].items():
-        print(f"{s:18} {v['ms_per_token']:7.2f} ms/token  {v['speedup_of_decodekit']:.2f}x decodekit's time "
-              f"(median of per-round ratios)  tokens identical to decodekit's for "
-              f"{v['first_divergence_from_decodekit']} steps")
+    systems = systems_option(a.systems)
+    ck = Checkpoint.make(a.model, Path(a.work), a.dtype, "cpu", a.prompt_len + a.steps + 32, 1)
+    prompts = random_prompts(1, a.prompt_len, ck.config.vocab_size)
+    bandwidth: list[float] = []
+    out = run_systems(systems, ck, prompts, a.steps, a.rounds,
+                      each_round=(lambda r: bandwidth.append(read_bandwidth("cpu"))) if a.roofline else lambda r: None)
+    first = next(iter(systems))
+    compare_tokens(out, first)
+    doc = {"model": a.model, "dtype": a.dtype, "steps": a.steps, "prompt_len": a.prompt_len, "rounds": a.rounds,
+           "threads": torch.get_num_threads(), "systems": {}}
+    for name, o in out.items():
+        row = o.to_dict()
+        if o.ms_rounds and out[first].ms_rounds:
+            row["ratio_to_first"] = statistics.median(x / f for x, f in zip(o.ms_rounds, out[first].ms_rounds))
+        moved = systems[name].step_bytes(ck, 1, a.prompt_len + a.steps // 2)
+        if bandwidth and o.ms_rounds and moved:
+            row["bytes_per_step"] = moved
+            row["roofline_fraction"] = statistics.median(moved / bw * 1e3 / ms for bw, ms in zip(bandwidth, o.ms_rounds))
+        doc["systems"][name] = row
+    if bandwidth:
+        doc["read_bw_GBps_rounds"] = [b / 1e9 for b in bandwidth]
+    for name, row in doc["systems"].items():
+        if "ms" not in row:
+            log(f"{name}: {row['error']}")
+            continue
+        print(f"{name:30} {row['ms']:8.2f} ms/token  x{row.get('ratio_to_first', 1):.2f} of {first}'s time"
+              + (f"  {row['roofline_fraction'] * 100:5.1f}% of the roofline" if "roofline_fraction" in row else "")
+              + (f"  tokens = {first}'s for {row[f'first_divergence_from_{first}']} steps"
+                 if f"first_divergence_from_{first}" in row else ""))
     if a.out:
-        Path(a.out).write_text(json.dumps(doc, indent=1))
+        save_json(doc, a.out)
+    if a.plot:
+        measured = {s: [row.get("ms")] for s, row in doc["systems"].items()}
+        bar_plot([f"{a.model} {a.dtype} batch 1"], measured, a.plot, "decode ms / token (lower is better)")
 
 
 if __name__ == "__main__":

@@ -14,36 +14,13 @@ Greedy, a chat-templated prompt, EOS ignored; ms/token = median of per-step time
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from harness import smollm2_fp32
+from harness import DecodekitRunner, GenaiRunner, TransformersRunner, build_genai, log, save_json, smollm2_fp32
 
 PROMPT = "Write a short story about a lighthouse keeper."
 WARM = 8
-
-
-def log(msg: str) -> None:
-    print(f"[cpu-speed] {msg}", file=sys.stderr, flush=True)
-
-
-def genai_round(model, prompt: list[int], new: int) -> tuple[list[int], list[float]]:
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    stamps, tokens = [time.perf_counter()], [int(gen.get_next_tokens()[0])]
-    while len(tokens) < new:
-        gen.generate_next_token()
-        stamps.append(time.perf_counter())
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return tokens, [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,8 +38,6 @@ def main(argv: list[str] | None = None) -> None:
     from decodekit.graphs.passes.quantize import default_quant_options
     from decodekit.graphs.pipeline import optimize
     from decodekit.runtime.chat_template import chat_prompt
-    from decodekit.runtime.ort_backend import OrtBackend
-    from decodekit.tools.bench_cpu import dk_round, hf_round
 
     work = Path(a.work)
     gguf, fp32 = smollm2_fp32(work, 256, "last")
@@ -80,38 +55,26 @@ def main(argv: list[str] | None = None) -> None:
     hf = work / "hf"
     if not (hf / "config.json").is_file():
         save_hf_folder(gguf, hf)
-    genai = {}
-    for precision in ("fp32", "int4"):
-        folder = work / f"genai-{precision}"
-        if not (folder / "model.onnx").is_file():
-            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o",
-                            str(folder), "-p", precision, "-e", "cpu", "-c", str(work / "genai-cache")], check=True)
-        genai[f"onnxruntime-genai {precision}"] = og.Model(str(folder))
-
     prompt, _ = chat_prompt(fp32, None, PROMPT)
-    systems = {}
-    for name, art in arts.items():
-        runner = OrtBackend(art)
-        state = runner.allocate(1)
-        systems[name] = (lambda r=runner, s=state: dk_round(r, s, prompt, a.new_tokens))
-    hf_model = transformers_model(gguf)
-    ids = torch.tensor([prompt])
-    systems["transformers fp32 (eager, GGUF loader)"] = lambda: hf_round(hf_model, ids, a.new_tokens)
-    for name, model in genai.items():
-        systems[name] = (lambda m=model: genai_round(m, prompt, a.new_tokens))
+    runners = {name: DecodekitRunner(art, 1) for name, art in arts.items()}
+    runners["transformers fp32 (eager, GGUF loader)"] = TransformersRunner(transformers_model(gguf))
+    for precision in ("fp32", "int4"):
+        folder, _ = build_genai(hf, work, precision, "cpu")
+        runners[f"onnxruntime-genai {precision}"] = GenaiRunner(folder)
 
-    steps: dict[str, list[float]] = {k: [] for k in systems}
+    steps: dict[str, list[float]] = {k: [] for k in runners}
     per_round: list[dict[str, float]] = []  # each system's median of that round alone
     tokens: dict[str, list[int]] = {}
-    for fn in systems.values():
-        fn()  # warm-up
-    for r in range(a.rounds):
+    for r in runners.values():
+        r.run([prompt], 16)  # warm-up
+    for k in range(a.rounds):
         per_round.append({})
-        for name, fn in systems.items():
-            tokens[name], s = fn()
-            steps[name] += s[WARM:]
-            per_round[r][name] = statistics.median(s[WARM:])
-        log(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in steps.items()))
+        for name, runner in runners.items():
+            run = runner.run([prompt], a.new_tokens)
+            tokens[name] = run.tokens[0]
+            steps[name] += run.step_ms[WARM:]
+            per_round[k][name] = run.decode_ms(WARM)
+        log(f"round {k + 1}/{a.rounds}: " + ", ".join(f"{n} {statistics.median(v):.2f}" for n, v in steps.items()))
     ref = tokens["transformers fp32 (eager, GGUF loader)"]
     rows = [{"system": k, "ms_per_token": statistics.median(v), "tokens_per_s": 1e3 / statistics.median(v),
              "greedy_identical_to_transformers": tokens[k] == ref} for k, v in steps.items()]
@@ -120,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
            "threads": torch.get_num_threads(), "rows": rows,
            "versions": {"onnxruntime": __import__("onnxruntime").__version__, "onnxruntime_genai": og.__version__,
                         "torch": torch.__version__, "transformers": __import__("transformers").__version__}}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    save_json(res, a.out)
     print("| system | ms/token | tokens/s | greedy = transformers |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['system']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | "

@@ -48,15 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     from decodekit.runtime.decode_step import DecodeStep
     from decodekit.runtime.ort_backend import OrtBackend
     from decodekit.runtime.sampler_torch import argmax_last
-    from decodekit.tools.bench import timed_generate
+    from decodekit.tools.benchmarking import random_prompts, timed_generate
 
     b = OrtBackend(a.artifact, device="cuda")
     state = b.allocate(a.batch)
-    prompts = torch.randint(3, b.vocab, (a.batch, 32), generator=torch.Generator().manual_seed(0)).tolist()
+    prompts = random_prompts(a.batch, 32, b.vocab)
     out = {}
     timed_generate(b, prompts, 16, state)
-    _, times, _ = timed_generate(b, prompts, 128, state)
-    out["loop"] = statistics.median(times[8:])
+    out["loop"] = timed_generate(b, prompts, 128, state).decode_ms()
     step: DecodeStep = next(iter(state.steps.values()))
     out["step"] = replay_ms(step._graph.graph.replay, a.replays, b.stream, state.inputs, 32)
     inputs = state.inputs

@@ -31,16 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import smollm2_fp32
+from harness import GenaiRunner, first_divergence, log, smollm2_fp32
 
 HERE = Path(__file__).resolve().parent
 TEXT = HERE / "data" / "ruth-kjv.txt"
 CHAT = "Write two sentences about the sea."
 GREEDY = 64
-
-
-def log(msg: str) -> None:
-    print(f"[int4-quality] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -144,23 +140,12 @@ def decodekit_greedy(backend, prompt: list[int], end_ids) -> list[int]:
 
 
 def genai_greedy(folder: Path, prompt: list[int]) -> list[int]:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + GREEDY, do_sample=False, min_length=len(prompt) + GREEDY)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    out = []
-    while not gen.is_done() and len(out) < GREEDY:
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return out
+    return GenaiRunner(folder).run([prompt], GREEDY).tokens[0]
 
 
 def summarize(name: str, s: Scores, ref: Scores, greedy: list[int], ref_greedy: list[int], **extra) -> dict:
     agree = float(np.mean(np.concatenate([a == b for a, b in zip(s.top1, ref.top1)])))
-    lead = next((i for i, (a, b) in enumerate(zip(greedy, ref_greedy)) if a != b), min(len(greedy), len(ref_greedy)))
+    lead = first_divergence([greedy], [ref_greedy])
     return {"scheme": name, "ppl": math.exp(float(np.mean(s.nll))), "top1_vs_fp32": agree,
             "greedy_lead": lead, "tokens": len(s.nll), **extra}
 

@@ -16,13 +16,14 @@ import torch
 import onnx_ir as ir
 from onnx_ir import serde as ir_serde
 
+from ..dtypes import precision, tensor_name
 from ..graphs.replicate import TEMPLATE_LAYERS, LayerStructureError, replicate_layers
 from . import verify_cache
-from .checkpoint import DTYPES, source_accounting, source_config
+from .checkpoint import source_accounting, source_config
 from .config import ConfigError, ModelConfig
 from .gguf import is_gguf
 from .gguf_tokenizer import write_gguf_tokenizer
-from .folders import EXTERNAL_DATA_THRESHOLD, ONNX_DTYPES, atomic_folder
+from .folders import EXTERNAL_DATA_THRESHOLD, atomic_folder
 from .manifest import STD_CAPABILITIES, Manifest, RankEntry, TensorSpec, file_entry, write_manifest
 from .onnx_writer import OnnxWriter
 from .ops import ONNX_OPSET
@@ -48,8 +49,7 @@ class ExportOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unsupported dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        precision(self.dtype)  # an unsupported dtype is refused in one line
         if self.logits not in ("all", "last"):
             raise ConfigError(f"--logits must be 'all' or 'last', got {self.logits!r}")
         if self.max_batch < 1 or self.max_seq < 2:
@@ -176,5 +176,5 @@ def _tokenizer(source: str, config: ModelConfig, folder: Path) -> list[str]:
 
 
 def _specs(values) -> list[TensorSpec]:
-    return [TensorSpec(v.name, ONNX_DTYPES.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),
+    return [TensorSpec(v.name, tensor_name(v.type.tensor_type.elem_type),
                        [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]

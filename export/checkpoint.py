@@ -8,20 +8,11 @@ from typing import Iterator
 
 import torch
 
-from .config import Accounting, ConfigError, ModelConfig, account, load_hf_config, preset, read_hf_config
+from ..dtypes import precision
+from ..errors import CheckpointError  # noqa: F401 - re-exported
+from .config import Accounting, ModelConfig, account, load_hf_config, preset, read_hf_config
 from .gguf import gguf_accounting, gguf_config, is_gguf, load_gguf
 from .model import Decoder
-
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-from ..errors import CheckpointError  # noqa: F401 - re-exported
-
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ConfigError(f"unsupported dtype {name!r}; use one of {', '.join(DTYPES)}") from None
 
 
 def hf_name_map(config: ModelConfig) -> dict[str, str]:
@@ -102,7 +93,7 @@ def load_hf(folder: str | Path, dtype: str = "fp32", rope_positions: int | None 
 def _empty(config: ModelConfig, dtype: str, rope_positions: int | None) -> Decoder:
     with torch.device("meta"):
         model = Decoder(config, rope_positions)
-    model = model.to_empty(device="cpu").to(torch_dtype(dtype))
+    model = model.to_empty(device="cpu").to(precision(dtype).torch)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     cos, sin = model.rope_cos_sin_fp32()
@@ -130,7 +121,7 @@ def random_parameters(config: ModelConfig, dtype: str = "fp32", seed: int = 0) -
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         else:  # weights and biases
             t = 0.02 * torch.randn(shape, generator=gen)
-        yield name, t.to(torch_dtype(dtype))
+        yield name, t.to(precision(dtype).torch)
 
 
 def source_config(source: str) -> ModelConfig:

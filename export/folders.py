@@ -24,7 +24,6 @@ from typing import Iterable, Iterator
 from ..errors import ConfigError, sigterm_raises
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom for the graph
-ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 _SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 

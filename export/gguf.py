@@ -205,12 +205,13 @@ class GgufWeights:
     by decodekit parameter name, in the export dtype; every tensor of the file is accounted for up front."""
 
     def __init__(self, path: str | Path, config: Any, dtype: str) -> None:
-        from .checkpoint import hf_name_map, torch_dtype
+        from ..dtypes import precision
+        from .checkpoint import hf_name_map
 
         self.gguf = GgufFile(path)
         self.gguf.check_types()
         self.heads = _heads(hf_config_dict(self.gguf))
-        self.dtype = torch_dtype(dtype)
+        self.dtype = precision(dtype).torch
         expected = hf_name_map(config)  # Hugging Face name -> decodekit parameter
         self.where: dict[str, tuple[str, Any]] = {}
         for name, tensor in self.gguf.tensors.items():

@@ -17,10 +17,9 @@ from typing import BinaryIO
 import onnx
 import torch
 
+from ..dtypes import from_torch
 from .manifest import FileEntry
 
-_ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
-               torch.bfloat16: onnx.TensorProto.BFLOAT16}
 _GRAPH_FIELD, _INITIALIZER_FIELD, _RAW_DATA_FIELD = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
 ALIGN = 4096
 
@@ -85,7 +84,7 @@ class OnnxWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         raw = tensor.detach().contiguous().view(torch.uint8).numpy()
-        header = onnx.TensorProto(name=name, dims=list(tensor.shape), data_type=_ONNX_TYPES[tensor.dtype])
+        header = onnx.TensorProto(name=name, dims=list(tensor.shape), data_type=from_torch(tensor.dtype).onnx)
         if self.data is not None:
             pad = -self.data.bytes % ALIGN
             self.data.write(b"\0" * pad)

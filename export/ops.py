@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .names import COLLECTIVE_DOMAIN, COLLECTIVE_OP
+
 ONNX_OPSET = 24
-COLLECTIVE_DOMAIN = "trt"
 
 
 def exporting() -> bool:
@@ -81,7 +82,7 @@ def all_reduce(x: torch.Tensor, group: "ReduceGroup | None") -> torch.Tensor:
         return x
     if exporting():
         return torch.onnx.ops.symbolic(
-            f"{COLLECTIVE_DOMAIN}::DistCollective", [x],
+            f"{COLLECTIVE_DOMAIN}::{COLLECTIVE_OP}", [x],
             {"collective_operation": "all_reduce", "reduce_op": "sum", "nb_rank": group.world_size, "root": -1},
             dtype=x.dtype, shape=x.shape, version=1)
     return group.all_reduce(x)

@@ -28,8 +28,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from .checkpoint import (CheckpointError, _empty, _safetensors_files, hf_name_map, random_parameters,
-                         torch_dtype)
+from ..dtypes import DTYPES, from_safetensors, precision
+from .checkpoint import CheckpointError, _empty, _safetensors_files, hf_name_map, random_parameters
 from .config import ModelConfig
 from .model import Decoder, DecoderLayer
 from .sharding import shard
@@ -163,7 +163,7 @@ class SafetensorsWeights:
     checkpoint would count in the exporter's resident memory until the end), converted to the export dtype."""
 
     def __init__(self, folder: Path, config: ModelConfig, dtype: str) -> None:
-        self.dtype = torch_dtype(dtype)
+        self.dtype = precision(dtype).torch
         with torch.device("meta"):
             self.shapes = {n: tuple(p.shape) for n, p in Decoder(config).named_parameters()}
         expected = hf_name_map(config)
@@ -193,10 +193,7 @@ class SafetensorsWeights:
             f.seek(entry["base"] + start)
             if f.readinto(memoryview(raw.numpy())) != end - start:
                 raise CheckpointError(f"{path}: truncated while reading {hf}")
-        return raw.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(shape).to(self.dtype)
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        return raw.view(from_safetensors(entry["dtype"]).torch).reshape(shape).to(self.dtype)
 
 
 def _safetensors_header(path: Path) -> dict[str, dict]:
@@ -210,9 +207,10 @@ def _safetensors_header(path: Path) -> dict[str, dict]:
             raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
     header.pop("__metadata__", None)
     for name, entry in header.items():
-        if entry.get("dtype") not in _SAFETENSORS_DTYPES:
+        kind = from_safetensors(entry.get("dtype", ""))
+        if kind is None or not kind.is_float:
             raise CheckpointError(f"{path}: {name} has dtype {entry.get('dtype')}; expected a float checkpoint "
-                                  f"({', '.join(_SAFETENSORS_DTYPES)})")
+                                  f"({', '.join(d.safetensors for d in DTYPES if d.is_float)})")
         entry["base"] = 8 + size
     return header
 

@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import onnx_ir as ir
 
-from ..export.folders import EXTERNAL_DATA_THRESHOLD, ONNX_DTYPES, atomic_folder
+from ..dtypes import precision, tensor_name
+from ..export.folders import EXTERNAL_DATA_THRESHOLD, atomic_folder
 from ..export.config import ConfigError
 from ..export.manifest import Manifest, RankEntry, TensorSpec, file_entry, read_manifest, write_manifest
 from .dialects import READABLE, Dialect, get_dialect
@@ -30,7 +31,7 @@ from .passes.dead_code import DeadCodeEliminationPass
 from .passes.fold_constants import FoldConstantsPass
 from .passes.fuse_projections import FuseProjectionsPass
 from .passes.fuse_std import FuseStdPass
-from .passes.precision import PRECISIONS, ConvertPrecisionPass
+from .passes.precision import ConvertPrecisionPass
 from .passes.quantize import QuantizePass, QuantOptions
 from .passes.shape_inference import ShapeInferencePass
 from .passes.tied_lm_head import TiedLmHeadPass
@@ -104,8 +105,8 @@ def optimize(artifact: str | Path, out: str | Path, dialect: str, dtype: str | N
     the per-pass report. The quantization scheme ("int4-b32-sym") is the quantize pass entry's "scheme"."""
     src, out = Path(artifact), Path(out)
     target = get_dialect(dialect)
-    if dtype is not None and dtype not in PRECISIONS:
-        raise ConfigError(f"unsupported dtype {dtype!r}; use one of {', '.join(PRECISIONS)}")
+    if dtype is not None:
+        precision(dtype)  # refused before any work
     manifest = read_manifest(src)
     if manifest.dialect not in READABLE:
         raise ConfigError(f"{src} is a {manifest.dialect!r} artifact; optimize reads {' or '.join(READABLE)} "
@@ -168,5 +169,5 @@ def _manifest(m: Manifest, model: ir.Model, dialect: Dialect, dtype: str | None,
 
 
 def _specs(values) -> list[TensorSpec]:
-    return [TensorSpec(v.name, ONNX_DTYPES.get(int(v.dtype), str(v.dtype)),
+    return [TensorSpec(v.name, tensor_name(v.dtype),
                        [d if isinstance(d, int) else str(d) for d in v.shape]) for v in values]

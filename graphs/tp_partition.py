@@ -31,9 +31,8 @@ from typing import Iterable
 import onnx_ir as ir
 
 from ..errors import PartitionError  # noqa: F401 - re-exported
+from ..export.names import COLLECTIVE_DOMAIN, COLLECTIVE_OP
 
-COLLECTIVE_DOMAIN = "trt"
-COLLECTIVE_OP = "DistCollective"
 REPLICATE_MAX_ELEMENTS = 4096  # a graph-input-only node reading a larger initializer (an embedding) is not copied
 
 Dim = int | str

@@ -40,15 +40,20 @@ class StepState:
 class Backend(ABC):
     """One artifact rank loaded for execution. Subclasses: torch (reference), ort, tensorrt, ort-tp.
 
-    Public methods check their arguments once, here; subclasses implement ``_allocate`` and ``_step`` and may
-    override ``run_decode`` (a decode step reading ``state.inputs`` where they live, no host round trip) and
-    ``capturable`` (the decode step can be captured in a CUDA graph on ``stream``).
+    Construction is here too: ``Backend(artifact, options, manifest=, rank=, **overrides)`` reads the manifest,
+    resolves ``options`` (an ``options_type`` instance) with keyword ``overrides``, then calls ``_setup`` (sessions,
+    engine, model). Public methods check their arguments once, here; subclasses implement ``_setup``, ``_allocate``
+    and ``_step`` and may override ``run_decode`` (a decode step reading ``state.inputs`` where they live, no host
+    round trip) and ``capturable`` (the decode step can be captured in a CUDA graph on ``stream``).
     """
 
     name: str = "?"
+    options_type: type | None = None  # the backend's frozen options dataclass (OrtOptions, TorchOptions, ...)
+    tp1_only: str | None = None  # a backend of one rank: what to do with a tp > 1 artifact ({artifact} filled in)
     stream: Any = None  # CUDA: the torch stream the backend's work is ordered on
 
-    def __init__(self, artifact: str | Path, manifest: Manifest | None = None, rank: int = 0) -> None:
+    def __init__(self, artifact: str | Path, options: Any = None, *, manifest: Manifest | None = None, rank: int = 0,
+                 **overrides: Any) -> None:
         import torch
 
         self.artifact = Path(artifact)
@@ -56,6 +61,12 @@ class Backend(ABC):
         self.rank = rank
         self.device = torch.device("cpu")  # the torch.device holding the logits and the decode inputs
         self.captured_steps = 0  # decode steps captured as CUDA graphs on this backend (runtime/decode_step.py)
+        if self.tp1_only and self.manifest.tp > 1:
+            raise BackendError(f"{self.artifact} has tp={self.manifest.tp} ranks; the {self.name} backend runs tp=1 "
+                               f"artifacts only: {self.tp1_only.format(artifact=self.artifact)}")
+        if self.options_type is not None:
+            self.options = resolve_options(self.options_type, options, overrides, self.name)
+        self._setup()
 
     @property
     def max_seq(self) -> int:
@@ -113,6 +124,10 @@ class Backend(ABC):
         return False
 
     # ------------------------------------------------------------------------------------------- subclasses
+
+    @abstractmethod
+    def _setup(self) -> None:
+        """Load what runs the artifact (manifest and options are set); BackendError when it cannot run here."""
 
     @abstractmethod
     def _allocate(self, batch: int) -> StepState:

@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 
-ORT_TYPESTR = {"tensor(float)": "<f4", "tensor(float16)": "<f2", "tensor(bfloat16)": "<i2"}
+from ..dtypes import from_ort
+
 
 
 class _Interface:
     def __init__(self, value: Any) -> None:
-        desc = {"shape": tuple(value.shape()), "typestr": ORT_TYPESTR[value.data_type()],
+        desc = {"shape": tuple(value.shape()), "typestr": from_ort(value.data_type()).bits.str,
                 "data": (value.data_ptr(), False), "version": 3}
         if value.device_name().lower() == "cpu":
             self.__array_interface__ = desc

@@ -22,14 +22,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..dtypes import PRECISIONS, precision
 from ..export.manifest import Manifest
-from .backend import Backend, BackendError, StepState, register, resolve_options
+from .backend import Backend, BackendError, StepState, register
 from .iobinding import bind_tensor
 
 from ..export.names import STEP_INPUTS, past_names, present_names  # noqa: F401 - re-exported
 
-ONNX_TYPES = {"fp32": 1, "fp16": 10, "bf16": 16}  # TensorProto element types of the cache / logits
-NUMPY_TYPES = {"fp32": np.float32, "fp16": np.float16}
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
@@ -74,21 +73,19 @@ class OrtHandles:
 
 @register("ort")
 class OrtBackend(Backend):
-    def __init__(self, artifact: str | Path, options: OrtOptions | None = None, *, manifest: Manifest | None = None,
-                 rank: int = 0, **overrides: Any) -> None:
-        super().__init__(artifact, manifest, rank)
-        self.options = resolve_options(OrtOptions, options, overrides, "ort")
+    options_type = OrtOptions
+    options: OrtOptions
+    tp1_only = "run it with `decodekit launch {artifact}` (one process per rank)"
+
+    def _setup(self) -> None:
         m = self.manifest
-        if m.tp > 1:
-            raise BackendError(f"{self.artifact} has tp={m.tp} ranks; one process runs tp=1 artifacts only: "
-                               f"run it with `decodekit launch {self.artifact}` (one process per rank)")
-        if m.dtype not in ONNX_TYPES:
+        if m.dtype not in PRECISIONS:
             raise BackendError(f"{self.artifact}: unsupported dtype {m.dtype!r} for the ort backend")
         self.num_layers = m.config.num_layers
         self.kv_shape = (int(m.kv_layout["kv_heads_local"]), m.max_seq, int(m.kv_layout["head_dim"]))
         self.vocab = m.config.vocab_size
         self.cuda_graph = self._wants_cuda_graph()
-        self.session = create_session(m.rank_file(self.artifact, rank), self.options, cuda=self._cuda_setup())
+        self.session = create_session(m.rank_file(self.artifact, self.rank), self.options, cuda=self._cuda_setup())
         self._decode_run = self._run_options(sync=False)
         self._check_io()
 
@@ -151,17 +148,17 @@ class OrtBackend(Backend):
         """An uninitialized OrtValue on the device."""
         import onnxruntime as ort
 
-        element = NUMPY_TYPES.get(dtype, ONNX_TYPES[dtype])  # bfloat16 has no numpy type: its onnx type id
-        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), element, *self._dev)
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), precision(dtype).onnx, *self._dev)
 
     def _zeros(self, shape: tuple[int, ...], dtype: str) -> Any:
         """A zero-filled OrtValue on the device (one host->device copy on CUDA)."""
         import onnxruntime as ort
 
+        d = precision(dtype)
         value = self._empty(shape, dtype)
-        host = np.zeros(shape, dtype=NUMPY_TYPES.get(dtype, np.uint16))
-        if dtype not in NUMPY_TYPES:  # same bits through uint16
-            host = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(host, ONNX_TYPES[dtype])
+        host = np.zeros(shape, dtype=d.bits)
+        if d.numpy is None:  # bfloat16: the same bits through an int of its size
+            host = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(host, d.onnx)
         value.update_inplace(host)
         return value
 
@@ -183,8 +180,7 @@ class OrtBackend(Backend):
     def _torch_empty(self, shape: tuple[int, ...]) -> Any:
         import torch
 
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.manifest.dtype]
-        return torch.zeros(shape, dtype=dtype, device=self.device)
+        return torch.zeros(shape, dtype=precision(self.manifest.dtype).torch, device=self.device)
 
     # -------------------------------------------------------------------------------------------- step
 

@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..dtypes import precision
 from ..export.checkpoint import CheckpointError, load_source
 from ..export.config import ConfigError
 from ..export.manifest import Manifest
-from .backend import Backend, BackendError, StepState, register, resolve_options
+from .backend import Backend, BackendError, StepState, register
 
 
 @dataclass(frozen=True)
@@ -25,20 +26,21 @@ class TorchOptions:
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
     torch_source: str | None = None  # overrides manifest.source (preset:NAME or a Hugging Face folder)
     seed: int | None = None  # weight seed of a preset source; None = the manifest's (0 when it records none)
+    # compute in this precision with the artifact's own weights upcast (the fp32 judge of `validate --mode judge`);
+    # None = the artifact's dtype
+    compute_dtype: str | None = None
 
 
 @register("torch")
 class TorchBackend(Backend):
     """Reference backend. step() returns np.ndarray logits on the CPU, a torch.Tensor on CUDA."""
 
-    def __init__(self, artifact: str | Path, options: TorchOptions | None = None, *, manifest: Manifest | None = None,
-                 rank: int = 0, **overrides: Any) -> None:
-        super().__init__(artifact, manifest, rank)
-        self.options = resolve_options(TorchOptions, options, overrides, "torch")
+    options_type = TorchOptions
+    options: TorchOptions
+    tp1_only = "export a tp=1 artifact for reference runs"
+
+    def _setup(self) -> None:
         m = self.manifest
-        if m.tp > 1:
-            raise BackendError(f"{self.artifact} has tp={m.tp}; the torch reference backend runs tp=1 artifacts only "
-                               f"(export a tp=1 artifact for reference runs)")
         self.device = _device(self.options.device)
         self.model = _rebuild(self.artifact, m, self.options).to(self.device)
 
@@ -99,6 +101,8 @@ def _rebuild(artifact: Path, m: Manifest, options: TorchOptions):
     except (ConfigError, CheckpointError, OSError) as e:
         raise BackendError(f"the torch backend rebuilds the model from {source!r} and could not: {e}; "
                            f"{SOURCE_HINT}") from None
+    if options.compute_dtype is not None:
+        model = model.to(precision(options.compute_dtype).torch)
     if model.config != m.config:
         raise BackendError(f"{source!r} is not the model of {artifact} (its config differs from the manifest's); "
                            f"{SOURCE_HINT}")

@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from .. import dtypes
 from ..errors import TpError  # noqa: F401 - re-exported
 from ..export.manifest import Manifest
-from .backend import Backend, BackendError, StepState, register, resolve_options
+from .backend import Backend, BackendError, StepState, register
 from .iobinding import bind_tensor
 from .ort_backend import STEP_INPUTS, OrtOptions, create_session
 
-TORCH_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 OP_ALLOCATE, OP_STEP, OP_STOP = 1, 2, 3
 HEADER = 4  # op, batch, seq, reserved
 
@@ -180,23 +180,29 @@ def _session(model: bytes, folder: Path, options: OrtOptions) -> Any:
 class TpOrtBackend(Backend):
     """One rank of a tp=N artifact (N = the group's world size); rank 0 leads, the others ``serve()``."""
 
+    options_type = OrtOptions
+    options: OrtOptions
+
     def __init__(self, artifact: str | Path, options: OrtOptions | None = None, *, manifest: Manifest | None = None,
                  group: Group | None = None, partition: Any = None, **overrides: Any) -> None:
+        self.group = group or Group()
+        self.partition = partition  # None: cut the rank graph at its collectives (in _setup)
+        super().__init__(artifact, options, manifest=manifest, rank=self.group.rank, **overrides)
+
+    def _setup(self) -> None:
         import onnx_ir as ir
 
         from ..graphs.tp_partition import partition as cut, plan_storage, segment_bytes
 
-        self.group = group or Group()
-        super().__init__(artifact, manifest, self.group.rank)
-        self.options = resolve_options(OrtOptions, options, overrides, "ort-tp")
-        if partition is None and self.manifest.tp != self.group.world:
+        if self.partition is None and self.manifest.tp != self.group.world:
             raise TpError(f"{self.artifact} has tp={self.manifest.tp} but the process group has {self.group.world} "
                           f"rank(s); run it with `decodekit launch {self.artifact} --nproc {self.manifest.tp}`")
         if self.options.device == "cuda":
             self.options = _on_torch_stream(self.options)
             self.group.device = f"cuda:{self.options.device_id}"
             self.device = self._torch().device(self.group.device)
-        self.partition = partition or cut(ir.load(str(self.manifest.rank_file(self.artifact, self.rank))))
+        if self.partition is None:
+            self.partition = cut(ir.load(str(self.manifest.rank_file(self.artifact, self.rank))))
         self.plan = plan_storage(self.partition)
         self.run_options = self._run_options()
         self._active = self._follower_segments() if self.rank else len(self.partition.segments)
@@ -246,7 +252,7 @@ class TpOrtBackend(Backend):
         except KeyError as e:
             raise TpError(f"{info.name}: dimension {e.args[0]!r} is neither batch nor seq; "
                           f"cannot size its buffer") from None
-        return torch.empty(shape, dtype=getattr(torch, TORCH_DTYPES[info.dtype]), device=self.group.device)
+        return torch.empty(shape, dtype=dtypes.dtype(info.dtype).torch, device=self.group.device)
 
     # ---------------------------------------------------------------------------------------- allocation
 

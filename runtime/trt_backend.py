@@ -24,14 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from ..dtypes import from_trt
 from ..export.manifest import Manifest
 from ..export.names import STEP_INPUTS, past_names, present_names
 from ..graphs.trt import api
 from ..graphs.trt.profiles import profile_for
-from .backend import Backend, BackendError, StepState, register, resolve_options
+from .backend import Backend, BackendError, StepState, register
 
-TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
-                "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
 
 
 @dataclass(frozen=True)
@@ -55,11 +54,11 @@ class TrtHandles:
 
 @register("tensorrt")
 class TensorRTBackend(Backend):
-    def __init__(self, artifact: str | Path, options: TensorRTOptions | None = None, *, manifest: Manifest | None = None,
-                 rank: int = 0, **overrides: Any) -> None:
-        super().__init__(artifact, manifest, rank)
-        self.options = resolve_options(TensorRTOptions, options, overrides, "tensorrt")
-        entry = _engine_entry(self.artifact, self.manifest, rank)
+    options_type = TensorRTOptions
+    options: TensorRTOptions
+
+    def _setup(self) -> None:
+        entry = _engine_entry(self.artifact, self.manifest, self.rank)
         torch = _cuda_torch()
         self.t = api.load()
         self.device = torch.device("cuda", self.options.device_id if self.options.device_id is not None
@@ -254,7 +253,7 @@ def _engine_io(engine: Any, artifact: Path, num_layers: int) -> _IO:
                            f"re-export and rebuild it")
 
     def dtype(n: str) -> Any:
-        return getattr(torch, TORCH_DTYPES[engine.get_tensor_dtype(n).name])
+        return from_trt(engine.get_tensor_dtype(n)).torch
 
     caches = {n: (tuple(engine.get_tensor_shape(n)), dtype(n)) for n in past_names(num_layers) if n in inputs}
     return _IO(inputs, caches, dtype("logits"), outputs)

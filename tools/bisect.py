@@ -29,9 +29,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..dtypes import from_ort
+
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 NAMESPACE_KEY = "namespace"
-ORT_ELEMENT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
 @dataclass(frozen=True)
@@ -142,10 +143,11 @@ class OnnxTapRunner:
         self.past = {}
         for i in self.session.get_inputs():
             if i.name.startswith("past_key_values."):
-                if i.type not in ORT_ELEMENT:
+                element = from_ort(i.type).numpy  # a ConfigError (a ValueError) for a type outside the table
+                if element is None:
                     raise ValueError(f"bisect cannot feed {i.type} caches from numpy")
                 shape = [1, *[d if isinstance(d, int) else max_seq for d in i.shape[1:]]]
-                self.past[i.name] = np.zeros(shape, dtype=ORT_ELEMENT[i.type])
+                self.past[i.name] = np.zeros(shape, dtype=element)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, ids: np.ndarray, pos: np.ndarray, write: np.ndarray, nonpad: np.ndarray) -> dict[str, np.ndarray]:

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import click
 
+from ..dtypes import PRECISIONS
+
 
 @click.command("export")
 @click.argument("source")
 @click.option("-o", "--out", required=True, type=click.Path(), help="artifact folder to write")
 @click.option("--tp", default=1, show_default=True, help="tensor-parallel size (one ONNX file per rank)")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(PRECISIONS))
 @click.option("--max-batch", default=8, show_default=True)
 @click.option("--max-seq", default=256, show_default=True, help="static KV-cache length")
 @click.option("--logits", default="all", show_default=True, type=click.Choice(["all", "last"]))

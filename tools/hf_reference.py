@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import BackendError
-from ..export.manifest import Manifest
+from ..runtime.backend import Backend, StepState
 
 
 @dataclass(frozen=True)
@@ -84,47 +84,46 @@ def load_reference_model(source: str) -> Any:
     return kind.load(path)
 
 
-class TransformersReference:
-    """transformers' model on the artifact's source, driven with the artifact's step inputs (CPU, fp32)."""
+@dataclass(frozen=True)
+class TransformersOptions:
+    source: str | None = None  # the checkpoint transformers loads; None = the manifest's source
+
+
+class TransformersReference(Backend):
+    """transformers' model on the artifact's source, driven with the artifact's step inputs (CPU, fp32): a backend
+    (allocate / step) outside the registry, built as ``TransformersReference(artifact, manifest=, source=)``."""
 
     name = "transformers"
+    options_type = TransformersOptions
+    options: TransformersOptions
 
-    def __init__(self, artifact: Path, manifest: Manifest, source: str | None = None) -> None:
-        self.artifact = Path(artifact)
-        self.model = load_reference_model(source or manifest.source)
-        self.manifest = dataclasses.replace(manifest, dtype="fp32")
+    def _setup(self) -> None:
+        self.model = load_reference_model(self.options.source or self.manifest.source)
+        self.manifest = dataclasses.replace(self.manifest, dtype="fp32")
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
 
-    @property
-    def max_batch(self) -> int:
-        return self.manifest.max_batch
-
-    @property
-    def max_seq(self) -> int:
-        return self.manifest.max_seq
-
-    def allocate(self, batch: int) -> list[Any]:
+    def _allocate(self, batch: int) -> StepState:
         from transformers import DynamicCache
 
-        return [DynamicCache(config=self.model.config) for _ in range(batch)]
+        return StepState(batch, self.max_seq, [DynamicCache(config=self.model.config) for _ in range(batch)])
 
-    def step(self, state: list[Any], input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
-             nonpad_kv_seqlen: np.ndarray) -> np.ndarray:
+    def _step(self, state: StepState, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
+              nonpad_kv_seqlen: np.ndarray) -> np.ndarray:
         import torch
 
         B, S = input_ids.shape
         out = np.zeros((B, S, self.model.config.vocab_size), dtype=np.float32)
         for b in range(B):
+            cache = state.handles[b]
             n = int(nonpad_kv_seqlen[b] - write_indices[b])  # this row's valid tokens in the step
-            if state[b].get_seq_length() != int(write_indices[b]):
+            if cache.get_seq_length() != int(write_indices[b]):
                 raise BackendError(f"the transformers reference appends to its cache; row {b} writes at "
-                                   f"{int(write_indices[b])} after {state[b].get_seq_length()} tokens")
+                                   f"{int(write_indices[b])} after {cache.get_seq_length()} tokens")
             ids = torch.from_numpy(np.ascontiguousarray(input_ids[b:b + 1, :n], dtype=np.int64))
             pos = torch.from_numpy(np.ascontiguousarray(position_ids[b:b + 1, :n], dtype=np.int64))
             with torch.inference_mode():
-                logits = self.model(input_ids=ids, position_ids=pos, use_cache=True,
-                                    **{self._cache_arg: state[b]}).logits
+                logits = self.model(input_ids=ids, position_ids=pos, use_cache=True, **{self._cache_arg: cache}).logits
             out[b, :n] = logits[0].float().numpy()
         if self.manifest.logits == "last":
             last = (nonpad_kv_seqlen - write_indices - 1).clip(min=0)
@@ -133,9 +132,3 @@ class TransformersReference:
 
     def close(self) -> None:
         self.model = None
-
-    def __enter__(self) -> "TransformersReference":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -25,11 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import FLOAT_ONNX_TYPES, dtype, tensor_name
 from ..export.manifest import (CHECKSUM, MANIFEST, ArtifactError, Manifest, all_files, bind_external_data,
                                read_manifest, verify_file)
 
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-FLOAT_TYPES = {1: 4, 10: 2, 16: 2, 11: 8}  # onnx TensorProto float / float16 / bfloat16 / double -> bytes
 COLLECTIVE_OPS = {"DistCollective", "AllReduce", "AllGather", "ReduceScatter"}
 KV_FORMULA = "2 x layers x max_batch x kv_heads_local x max_seq x head_dim x dtype_bytes"
 
@@ -92,9 +91,9 @@ def graph_info(path: Path, rank: int = 0) -> GraphInfo:
         numel = 1
         for d in init.dims:
             numel *= d
-        if init.data_type in FLOAT_TYPES and numel > 1 and init.name not in rotary and "rope_" not in init.name:
+        if init.data_type in FLOAT_ONNX_TYPES and numel > 1 and init.name not in rotary and "rope_" not in init.name:
             params += numel
-            nbytes += numel * FLOAT_TYPES[init.data_type]
+            nbytes += numel * dtype(init.data_type).itemsize
     ops = Counter(_op_name(n) for n in g.node)
     size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p != path)
     return GraphInfo(rank, path.name, size, len(g.node), dict(ops.most_common()), params, nbytes,
@@ -116,12 +115,10 @@ def load_graph(path: Path) -> Any:
 
 
 def _io(values: Any) -> list[dict[str, Any]]:
-    from ..export.folders import ONNX_DTYPES
-
     out = []
     for v in values:
         t = v.type.tensor_type
-        out.append({"name": v.name, "dtype": ONNX_DTYPES.get(t.elem_type, str(t.elem_type)),
+        out.append({"name": v.name, "dtype": tensor_name(t.elem_type),
                     "shape": [d.dim_param or d.dim_value for d in t.shape.dim]})
     return out
 
@@ -130,7 +127,7 @@ def kv_cache_bytes(m: Manifest) -> dict[str, Any]:
     kv = m.kv_layout
     values = {"layers": int(kv.get("num_layers", m.config.num_layers)), "max_batch": m.max_batch,
               "kv_heads_local": int(kv["kv_heads_local"]), "max_seq": m.max_seq, "head_dim": int(kv["head_dim"]),
-              "dtype_bytes": DTYPE_BYTES[m.dtype]}
+              "dtype_bytes": dtype(m.dtype).itemsize}
     per_rank = 2
     for v in values.values():
         per_rank *= v

@@ -7,6 +7,7 @@ import json
 
 import click
 
+from ..dtypes import PRECISIONS
 from .verify_option import verify_option
 
 
@@ -15,7 +16,7 @@ from .verify_option import verify_option
 @click.argument("artifact", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="new artifact folder to write")
 @click.option("--dialect", required=True, help="target dialect: std, ort-gqa, ort-gqa-uniform or ort-gqa-static (onnxruntime < 1.32; -static for CUDA graphs) or decomposed")
-@click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]),
+@click.option("--dtype", default=None, type=click.Choice(PRECISIONS),
               help="convert weights, activations, KV cache and logits (default: keep the artifact's)")
 @click.option("--quantize", "quant", default=None, type=click.Choice(["int4", "int8"]),
               help="weight-only blockwise quantization of the linear layers (embeddings, norms and the LM head kept)")

@@ -13,10 +13,15 @@ logit scale (max |reference logit|), the smallest per-position cosine similarity
 Each candidate also decodes free-running (greedy, its own tokens) and its token sequences are compared with
 the reference's. A failed ONNX-backed candidate is bisected (``tools.bisect``) to the first diverging layer.
 
-Tolerances (``TOLERANCES``; the looser dtype of a pair applies):
-    fp32  max |logit error| <= 1e-4 x max(1, logit scale) at every step, and identical greedy tokens
-    fp16  top-1 agreement >= 0.99 and per-position cosine similarity >= 0.999 (greedy agreement reported)
-    bf16  top-1 agreement >= 0.98 and per-position cosine similarity >= 0.995 (greedy agreement reported)
+Modes (``MODES``), what decides pass or fail:
+    tolerance  the dtype's tolerance (``TOLERANCES``; the looser dtype of a pair applies):
+        fp32  max |logit error| <= 1e-4 x max(1, logit scale) at every step, and identical greedy tokens
+        fp16  top-1 agreement >= 0.99 and per-position cosine similarity >= 0.999 (greedy agreement reported)
+        bf16  top-1 agreement >= 0.98 and per-position cosine similarity >= 0.995 (greedy agreement reported)
+    parity     identical free-running greedy tokens for every step, whatever the dtype (the metrics reported)
+    judge      every backend also against an fp32 judge (the reference's weights upcast), teacher-forced: a
+               candidate passes when its logit error is within 2x the reference's own (``tools.validate_judge``);
+               tells a near-tie that rounding decides from a kernel error
 
 Raw results are kept as a Polygraphy ``RunResults`` (one runner per backend, one iteration per step, outputs
 ``logits`` [positions, vocab] and ``tokens``) and saved with ``save_results`` for ``polygraphy inspect data``.
@@ -34,6 +39,8 @@ import numpy as np
 
 from ..errors import ValidationError  # noqa: F401 - re-exported
 from ..runtime.backend import check_prompts
+from .run_results import load_run_results, save_run_results  # noqa: F401 - load_run_results re-exported
+from .validate_judge import JUDGE_LABEL, JUDGE_RULE, JudgeReport, judge_steps
 
 Progress = Callable[[str], None]
 DTYPE_ORDER = ("fp32", "fp16", "bf16")  # tighter -> looser
@@ -47,9 +54,10 @@ class Tolerance:
     min_cosine: float | None = None  # smallest per-position cosine similarity
     greedy_must_match: bool = False
     tap_rtol: float = 1e-4  # bisect: a tap diverges when max |err| > tap_rtol x max |reference tap|
+    rule: str | None = None  # a rule decided outside these numbers (--mode judge)
 
     def describe(self) -> str:
-        parts = []
+        parts = [self.rule] if self.rule else []
         if self.logit_atol is not None:
             parts.append(f"max |logit error| <= {self.logit_atol:g} x max(1, logit scale) at every step")
         if self.min_top1 is not None:
@@ -73,6 +81,19 @@ def tolerance_for(*dtypes: str) -> Tolerance:
     return TOLERANCES[max(dtypes, key=DTYPE_ORDER.index)]
 
 
+def mode_tolerance(mode: str, *dtypes: str) -> Tolerance:
+    """What decides pass or fail in ``mode`` for a pair of dtypes (bisect keeps the dtype's tap tolerance)."""
+    base = tolerance_for(*dtypes)
+    if mode == "parity":
+        return Tolerance("parity", greedy_must_match=True, tap_rtol=base.tap_rtol)
+    if mode == "judge":
+        return Tolerance("judge", tap_rtol=base.tap_rtol, rule=JUDGE_RULE)
+    return base
+
+
+MODES = ("tolerance", "parity", "judge")
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     """One backend to run: a registered backend name on ``artifact`` (None: the validated artifact)."""
@@ -80,9 +101,12 @@ class BackendSpec:
     name: str
     artifact: str | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    alias: str | None = None  # the label, where name@artifact would not tell two specs apart
 
     @property
     def label(self) -> str:
+        if self.alias:
+            return self.alias
         return self.name if self.artifact is None else f"{self.name}@{Path(self.artifact).name}"
 
     @classmethod
@@ -124,6 +148,7 @@ class Comparison:
     passed: bool
     reasons: list[str]
     bisect: dict[str, Any] | None = None
+    judge: JudgeReport | None = None  # --mode judge
 
     def summary(self) -> dict[str, float]:
         s = self.steps
@@ -145,6 +170,7 @@ class ValidationReport:
     seconds: float
     saved_results: str | None = None
     notes: list[str] = field(default_factory=list)
+    mode: str = "tolerance"
 
     @property
     def passed(self) -> bool:
@@ -171,10 +197,13 @@ def _jsonable(x: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------------ prompts
 
-def default_prompts(vocab: int, max_seq: int, steps: int, max_batch: int, seed: int = 0) -> list[list[int]]:
-    """Seeded random id prompts of a few different lengths that fit max_seq with ``steps`` decode steps."""
+def default_prompts(vocab: int, max_seq: int, steps: int, max_batch: int, seed: int = 0,
+                    equal_lengths: bool = False) -> list[list[int]]:
+    """Seeded random id prompts of a few different lengths (one length with ``equal_lengths``, for artifacts without
+    the mixed_lengths capability) that fit max_seq with ``steps`` decode steps."""
     room = max(1, max_seq - steps - 1)
     lengths = sorted({max(1, min(n, room)) for n in (7, 13, 4)}, reverse=True)[:max(1, max_batch)]
+    lengths = [lengths[-1]] * len(lengths) if equal_lengths else lengths
     rng = np.random.default_rng(seed)
     low = 3 if vocab > 3 else 0  # skip the usual pad/bos/eos ids
     return [rng.integers(low, vocab, size=n).tolist() for n in lengths]
@@ -207,7 +236,7 @@ def _open_transformers(artifact: Path, reference_source: str | None) -> Any:
     from ..export.manifest import read_manifest
     from .hf_reference import TransformersReference
 
-    return TransformersReference(artifact, read_manifest(artifact, verify=False), reference_source)
+    return TransformersReference(artifact, manifest=read_manifest(artifact, verify=False), source=reference_source)
 
 
 # --reference NAME -> opener(artifact, reference_source): a reference model that is not one of the artifact's backends
@@ -345,41 +374,17 @@ def validate(artifact: str | Path, backends: Sequence[str | BackendSpec] = ("tor
              prompts: Sequence[Sequence[int]] | None = None, steps: int = 8, *, texts: Sequence[str] = (),
              device: str = "cpu", reference_source: str | None = None, tolerance: Tolerance | None = None,
              bisect: bool = True, save_results: str | Path | None = None, seed: int = 0,
-             reference: str = "decodekit", progress: Progress = lambda msg: None) -> ValidationReport:
+             reference: str = "decodekit", mode: str = "tolerance",
+             progress: Progress = lambda msg: None) -> ValidationReport:
     """Compare ``backends[1:]`` against ``backends[0]`` on ``artifact`` (see the module docstring).
 
     reference: "decodekit" (the first backend is the reference) or one of ``REFERENCES`` ("transformers":
     transformers' own model on the artifact's source is the reference and every backend is compared with it).
+    mode: one of ``MODES`` (what decides pass or fail); ``tolerance`` overrides the dtype's in mode "tolerance".
     """
-    from ..export.manifest import read_manifest
-
     started = time.perf_counter()
     artifact = Path(artifact)
-    specs = [b if isinstance(b, BackendSpec) else BackendSpec.parse(b) for b in backends]
-    if reference != "decodekit" and reference not in REFERENCES:
-        raise ValidationError(f"unknown reference {reference!r}; choose decodekit or {', '.join(REFERENCES)}")
-    if reference != "decodekit":
-        specs = [BackendSpec(reference), *specs]
-    if len(specs) < 2:
-        raise ValidationError("validate needs at least two backends, the reference first (e.g. --backends torch,ort)")
-    if len({s.label for s in specs}) != len(specs):
-        raise ValidationError(f"backend listed twice in {', '.join(s.label for s in specs)}")
-    if steps < 0:
-        raise ValidationError(f"--steps must be >= 0, got {steps}")
-    manifest = read_manifest(artifact)
-    others = [read_manifest(s.artifact) for s in specs if s.artifact is not None]  # refused before any work
-    if texts:
-        if prompts is not None:
-            raise ValidationError("pass either text prompts or prompt ids, not both")
-        prompts = encode_texts(artifact, texts)
-    prompts = [list(map(int, p)) for p in prompts] if prompts is not None else default_prompts(
-        manifest.config.vocab_size, manifest.max_seq, steps, manifest.max_batch, seed)
-    for spec, m in zip([s for s in specs if s.artifact is not None], others):
-        if m.config != manifest.config:
-            raise ValidationError(f"{spec.artifact} holds another model than {artifact} (their configs differ); "
-                                  f"compare artifacts of the same model")
-    for m in [manifest, *others]:
-        check_prompts(m, prompts, steps + 1, ValidationError)  # the prefill's token + steps decode steps
+    specs, manifest, prompts = _request(artifact, backends, prompts, steps, texts, seed, reference, mode)
     with ExitStack() as stack:
         loading = time.perf_counter()
         runners = [_Runner(s, stack.enter_context(_open(s, artifact, device, reference_source))) for s in specs]
@@ -400,25 +405,71 @@ def validate(artifact: str | Path, backends: Sequence[str | BackendSpec] = ("tor
         reference_tokens = np.concatenate(forced).tolist()
         comparisons = []
         ref = runners[0]
-        for r in runners[1:]:
+        for r in (r for r in runners[1:] if r.label != JUDGE_LABEL):
             progress(f"free-running greedy decode on {r.label}")
             tokens = [t for s in range(0, len(prompts), batch) for t in _free_running(r, prompts[s:s + batch], steps)]
-            tol = tolerance or tolerance_for(ref.backend.manifest.dtype, r.backend.manifest.dtype)
+            dtypes = (ref.backend.manifest.dtype, r.backend.manifest.dtype)
+            tol = tolerance if tolerance and mode == "tolerance" else mode_tolerance(mode, *dtypes)
             metrics = [step_metrics(k, a, b, tol) for k, (a, b) in enumerate(zip(rows[ref.label], rows[r.label]))]
             greedy = compare_greedy(reference_tokens, tokens)
-            reasons = _verdict(metrics, greedy, tol)
+            judged = judge_steps(rows[ref.label], rows[r.label], rows[JUDGE_LABEL]) if mode == "judge" else None
+            reasons = judged.reasons(ref.label) if judged else _verdict(metrics, greedy, tol)
             found = None
             if reasons and bisect and reference == "decodekit":
                 errors = (rows[ref.label], rows[r.label])
                 found = _bisect(ref, r, prompts, reference_tokens, metrics, errors, all_positions, tol, progress)
-            comparisons.append(Comparison(r.label, ref.label, tol, metrics, greedy, not reasons, reasons, found))
+            comparisons.append(Comparison(r.label, ref.label, tol, metrics, greedy, not reasons, reasons, found,
+                                          judged))
         saved = None
         if save_results is not None:
             saved = str(save_run_results(save_results, rows, reference_tokens))
     notes = [f"reference: {reference}'s model of {reference_source or manifest.source} (fp32); not bisected (the "
              f"reference has no per-layer taps: bisect with --reference decodekit)"] if reference != "decodekit" else []
     return ValidationReport(str(artifact), manifest.dtype, ref.label, [s.label for s in specs], prompts, steps,
-                            reference_tokens, comparisons, time.perf_counter() - started, saved, notes)
+                            reference_tokens, comparisons, time.perf_counter() - started, saved, notes, mode)
+
+
+def _request(artifact: Path, backends: Sequence[str | BackendSpec], prompts: Sequence[Sequence[int]] | None,
+             steps: int, texts: Sequence[str], seed: int, reference: str, mode: str) -> tuple[list[BackendSpec], Any,
+                                                                                              list[list[int]]]:
+    """The checked request: backend specs (the judge added last in mode judge), the manifest, the prompts;
+    refused in one line before any backend loads."""
+    from ..export.manifest import read_manifest
+
+    specs = [b if isinstance(b, BackendSpec) else BackendSpec.parse(b) for b in backends]
+    if reference != "decodekit" and reference not in REFERENCES:
+        raise ValidationError(f"unknown reference {reference!r}; choose decodekit or {', '.join(REFERENCES)}")
+    if mode not in MODES:
+        raise ValidationError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "judge" and reference != "decodekit":
+        raise ValidationError("--mode judge compares backends with the fp32 judge of decodekit's reference; "
+                              "use --reference decodekit (transformers' fp32 model is a judge already)")
+    if reference != "decodekit":
+        specs = [BackendSpec(reference), *specs]
+    if len(specs) < 2:
+        raise ValidationError("validate needs at least two backends, the reference first (e.g. --backends torch,ort)")
+    if mode == "judge":
+        specs.append(BackendSpec("torch", None, (("compute_dtype", "fp32"),), alias=JUDGE_LABEL))
+    if len({s.label for s in specs}) != len(specs):
+        raise ValidationError(f"backend listed twice in {', '.join(s.label for s in specs)}")
+    if steps < 0:
+        raise ValidationError(f"--steps must be >= 0, got {steps}")
+    manifest = read_manifest(artifact)
+    others = [read_manifest(s.artifact) for s in specs if s.artifact is not None]  # refused before any work
+    if texts:
+        if prompts is not None:
+            raise ValidationError("pass either text prompts or prompt ids, not both")
+        prompts = encode_texts(artifact, texts)
+    mixed = all(m.allows("mixed_lengths") for m in [manifest, *others])
+    prompts = [list(map(int, p)) for p in prompts] if prompts is not None else default_prompts(
+        manifest.config.vocab_size, manifest.max_seq, steps, manifest.max_batch, seed, equal_lengths=not mixed)
+    for spec, m in zip([s for s in specs if s.artifact is not None], others):
+        if m.config != manifest.config:
+            raise ValidationError(f"{spec.artifact} holds another model than {artifact} (their configs differ); "
+                                  f"compare artifacts of the same model")
+    for m in [manifest, *others]:
+        check_prompts(m, prompts, steps + 1, ValidationError)  # the prefill's token + steps decode steps
+    return specs, manifest, prompts
 
 
 def _bisect(ref: _Runner, cand: _Runner, prompts: list[list[int]], forced: list[list[int]],
@@ -438,32 +489,3 @@ def _bisect(ref: _Runner, cand: _Runner, prompts: list[list[int]], forced: list[
     progress(f"bisecting {cand.label} against {ref.label}: prompt {b}, up to step {failing}")
     result = bisect_backends(ref.backend, cand.backend, prompts[b], forced[b], failing, tol.tap_rtol).to_dict()
     return {"prompt": b, **result}
-
-
-# ------------------------------------------------------------------------------------------------ results
-
-def save_run_results(path: str | Path, rows: dict[str, list[np.ndarray]], tokens: list[list[int]]) -> Path:
-    """Save the per-step logits as a Polygraphy RunResults JSON (``polygraphy inspect data PATH`` reads it)."""
-    try:
-        from polygraphy.comparator import RunResults
-        from polygraphy.logger import G_LOGGER
-    except ImportError:
-        raise ValidationError("--save-results writes Polygraphy RunResults: pip install polygraphy") from None
-    results = RunResults()
-    forced = np.asarray(tokens, dtype=np.int64)
-    for label, per_step in rows.items():
-        results.add([{"logits": a, "tokens": a.argmax(-1).astype(np.int64), "forced_tokens": forced[:, k]}
-                     for k, a in enumerate(per_step)], runner_name=label)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # Polygraphy logs to stdout; keep --json output clean
-        results.save(str(path))
-    return path
-
-
-def load_run_results(path: str | Path) -> Any:
-    from polygraphy.comparator import RunResults
-    from polygraphy.logger import G_LOGGER
-
-    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
-        return RunResults.load(str(path))

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .verify_option import verify_option
-
 from ..errors import UserError
+from .validate import MODES
+from .validate_judge import describe as describe_judge
+from .verify_option import verify_option
 
 if TYPE_CHECKING:
     from .validate import ValidationReport
@@ -63,19 +64,23 @@ def parse_backends(text: str, minimum: int = 2) -> list[str]:
 @click.option("--save-results", type=click.Path(), default=None,
               help="save the per-step logits as Polygraphy RunResults JSON "
                    "(then e.g. `polygraphy run --load-outputs PATH --check-error-stat max --atol 1e-4`)")
+@click.option("--mode", default="tolerance", show_default=True, type=click.Choice(MODES),
+              help="tolerance: the dtype's logit tolerance; parity: identical greedy tokens for every step; judge: "
+                   "every backend against an fp32 judge (the reference's weights upcast), teacher-forced: passes "
+                   "when a candidate's logit error is within 2x the reference's own (a near-tie, not a kernel error)")
 @click.option("--no-bisect", is_flag=True, help="do not bisect a failing backend to the first diverging layer")
 @click.option("--seed", default=0, show_default=True, help="seed of the default random prompts")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON document")
 def command(artifact: str, backends: str, steps: int, prompts: tuple[str, ...], ids: tuple[str, ...], device: str,
-            reference: str, reference_source: str | None, save_results: str | None, no_bisect: bool, seed: int,
-            as_json: bool) -> None:
+            reference: str, reference_source: str | None, save_results: str | None, mode: str, no_bisect: bool,
+            seed: int, as_json: bool) -> None:
     """Run the same prompts through several backends and compare logits step by step (exit 1 on a mismatch).
 
     All backends are fed the reference's greedy tokens (teacher forcing). --reference transformers makes
     transformers' own model on the artifact's Hugging Face source the reference (needs transformers).
     Tolerances: fp32 max |logit error| <= 1e-4 x max(1, logit scale) and identical greedy tokens; fp16 top-1
-    >= 0.99 and cosine >= 0.999; bf16 top-1 >= 0.98 and cosine >= 0.995. A failing ONNX backend is bisected
-    to the first diverging layer.
+    >= 0.99 and cosine >= 0.999; bf16 top-1 >= 0.98 and cosine >= 0.995 (--mode tolerance; see --mode for
+    parity and judge). A failing ONNX backend is bisected to the first diverging layer.
     """
     from .validate import validate
 
@@ -84,7 +89,7 @@ def command(artifact: str, backends: str, steps: int, prompts: tuple[str, ...], 
     names = parse_backends(backends, 2 if reference == "decodekit" else 1)
     report = validate(artifact, names, parse_ids(ids) if ids else None, steps, texts=prompts,
                       device=device, reference_source=reference_source, bisect=not no_bisect,
-                      save_results=save_results, seed=seed, reference=reference,
+                      save_results=save_results, seed=seed, reference=reference, mode=mode,
                       progress=lambda m: click.echo(f"[validate] {m}", err=True))
     if as_json:
         click.echo(json.dumps(report.to_dict()))
@@ -110,7 +115,7 @@ def failure_line(report: "ValidationReport") -> str:
 def format_report(report: "ValidationReport", per_step: bool = True) -> str:
     lines = [f"validate {report.artifact} ({report.dtype}; {len(report.prompts)} prompts of "
              f"{', '.join(str(len(p)) for p in report.prompts)} tokens; prefill + {report.steps} decode steps; "
-             f"reference {report.reference}; {report.seconds:.1f} s)"]
+             f"reference {report.reference}; mode {report.mode}; {report.seconds:.1f} s)"]
     lines += [f"note: {n}" for n in report.notes]
     for c in report.comparisons:
         lines.append(f"\n{c.backend} vs {c.reference}  [{c.tolerance.describe()}]")
@@ -127,6 +132,8 @@ def format_report(report: "ValidationReport", per_step: bool = True) -> str:
         lines.append(f"  {'PASS' if c.passed else 'FAIL'}: max abs {s['max_abs']:.3g}, max rel {s['max_rel']:.3g}, "
                      f"cosine >= {s['cosine_min']:.6f}, top-1 {s['top1_agreement']:.3f}"
                      + ("" if c.passed else "; " + "; ".join(c.reasons)))
+        if c.judge is not None:
+            lines += describe_judge(c.judge, c.reference, c.backend)
         if c.bisect is not None:
             lines.append(f"  bisect (prompt {c.bisect.get('prompt', 0)}, replayed alone): {c.bisect['message']}")
             lines += [f"    note: {n}" for n in c.bisect.get("notes", [])]

@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ...dtypes import FLOAT_ONNX_TYPES
 from .base import PassOutcome, ReportingPass
 
-_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 
 
 def _weight(node: ir.Node) -> ir.Value | None:
@@ -32,7 +32,7 @@ def _weight(node: ir.Node) -> ir.Value | None:
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
     w = node.inputs[1]
-    if w is None or w.const_value is None or not w.is_initializer() or w.dtype not in _FLOATS:
+    if w is None or w.const_value is None or not w.is_initializer() or w.dtype not in FLOAT_ONNX_TYPES:
         return None
     return w if len(w.const_value.shape) == 2 else None
 

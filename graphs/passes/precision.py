@@ -20,10 +20,9 @@ from typing import Iterator
 import numpy as np
 import onnx_ir as ir
 
+from ...dtypes import FLOAT_ONNX_TYPES, precision
+from ...export.names import COLLECTIVE_DOMAIN
 from .base import DialectError, PassOutcome, ReportingPass
-
-PRECISIONS = {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
-FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 
 
 def _values(graph: ir.Graph) -> Iterator[ir.Value]:
@@ -34,7 +33,7 @@ def _values(graph: ir.Graph) -> Iterator[ir.Value]:
 
 
 def float_dtypes(model: ir.Model) -> set[ir.DataType]:
-    return {v.dtype for v in _values(model.graph) if v.dtype in FLOATS}
+    return {v.dtype for v in _values(model.graph) if v.dtype in FLOAT_ONNX_TYPES}
 
 
 class ConvertPrecisionPass(ReportingPass):
@@ -43,8 +42,7 @@ class ConvertPrecisionPass(ReportingPass):
     def __init__(self, dtype: str | None, debug: bool = False, softmax_attr: bool = True) -> None:
         super().__init__(debug)
         self.softmax_attr = softmax_attr
-        if dtype is not None and dtype not in PRECISIONS:
-            raise DialectError(f"unsupported dtype {dtype!r}; use one of {', '.join(PRECISIONS)}")
+        self.target = None if dtype is None else ir.DataType(precision(dtype).onnx)
         self.dtype = dtype
 
     def requires(self, model: ir.Model) -> None:
@@ -52,7 +50,7 @@ class ConvertPrecisionPass(ReportingPass):
         if len(found) > 1:
             raise DialectError(f"precision conversion needs one float dtype in the graph, found "
                                f"{sorted(d.name for d in found)}; convert the std artifact instead")
-        contrib = {n.domain for n in model.graph} - {"", "ai.onnx", "trt"}
+        contrib = {n.domain for n in model.graph} - {"", "ai.onnx", COLLECTIVE_DOMAIN}
         if contrib:
             raise DialectError(f"precision conversion runs before lowering; this graph already has "
                                f"{sorted(contrib)} ops")
@@ -60,7 +58,7 @@ class ConvertPrecisionPass(ReportingPass):
     def run(self, model: ir.Model) -> PassOutcome:
         found = float_dtypes(model)
         source = next(iter(found)) if found else None
-        target = PRECISIONS[self.dtype] if self.dtype else source
+        target = self.target or source
         counts = {"initializers": 0, "constants": 0, "values": 0, "casts": 0}
         if source is not None and target != source:
             counts = _convert(model.graph, source, target)

@@ -30,11 +30,11 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from ...dtypes import FLOAT_ONNX_TYPES
 from .. import quant
 from .base import DialectError, PassOutcome, ReportingPass
 
 FORMATS = ("ort", "qdq")
-_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class QuantizePass(ReportingPass):
             if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
                 continue
             w = node.inputs[1]
-            if w is None or w.const_value is None or w.const_value.dtype not in _FLOATS \
+            if w is None or w.const_value is None or w.const_value.dtype not in FLOAT_ONNX_TYPES \
                     or len(w.const_value.shape) != 2:
                 continue
             k, n = (int(d) for d in w.const_value.shape)

@@ -2,7 +2,8 @@
 
 The exporter's MatMul(x, W^T) keeps W^T [K, N] row-major. cuBLAS picks different kernels for the [N, K]
 layout PyTorch's nn.Linear uses (x @ W.T); at decode, with one row per sequence, the two layouts do not run
-equally fast (tools/bench_gemv.py measures both). This pass lets the benchmark put ONNX Runtime on either:
+equally fast (benchmarks/gemm_ceiling.py measures both). This pass lets the benchmark put ONNX Runtime on either
+(benchmarks/harness.py system decodekit-nk):
 
     MatMul(x, W_kn)   ->   com.microsoft FusedMatMul(x, W_nk, transB=1)     W_nk = W_kn.T, contiguous
 

@@ -176,6 +176,8 @@ CASES: dict[str, Case] = {
     # the torch reference is rebuilt from the manifest's source: the hint names the CLI flag
     "validate an artifact whose source moved": Case("validate art", "`decodekit validate --reference-source SOURCE`",
                                                     setup=moved_source),
+    "validate --mode judge against transformers": Case("validate {tiny} --backends ort --reference transformers "
+                                                       "--mode judge", "use --reference decodekit"),
     # usage errors: click's exit code 2, still one line
     "an unknown option": Case("export preset:tiny -o out --bogus", "No such option", code=2),
     "a bad choice": Case("generate {tiny} --backend onnx --ids 1,2", "Invalid value for '--backend'", code=2),

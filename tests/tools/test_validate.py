@@ -18,6 +18,7 @@ from decodekit.export.manifest import file_entry, read_manifest, write_manifest
 from decodekit.tools.bisect import decoder_taps, locate_taps, node_module
 from decodekit.tools.validate import (TOLERANCES, BackendSpec, ValidationError, compare_greedy, default_prompts,
                                       load_run_results, step_metrics, tolerance_for, validate)
+from decodekit.tools.validate_judge import judge_steps
 from decodekit.tools.validate_cmd import format_report
 
 STEPS = 4
@@ -45,7 +46,8 @@ def perturb(src: Path, dst: Path, module: str, factor: float = 1.5) -> str:
     model = onnx.load(str(path))
     node = next(n for n in model.graph.node if n.op_type == "MatMul" and node_module(n) == module)
     init = next(i for i in model.graph.initializer if i.name == node.input[1])
-    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
+    w = numpy_helper.to_array(init)
+    init.CopyFrom(numpy_helper.from_array((w * np.float32(factor)).astype(w.dtype), init.name))
     onnx.save(model, str(path))
     ranks = [dataclasses.replace(r, onnx=file_entry(dst, r.onnx.file)) for r in m.ranks]
     write_manifest(dst, dataclasses.replace(m, ranks=ranks))
@@ -153,3 +155,56 @@ def test_inputs_checked_before_work(tiny: Path) -> None:
         validate(tiny, ["torch", "ort"], prompts=[[5] * 62], steps=2)
     with pytest.raises(ValidationError, match="outside the vocabulary"):
         validate(tiny, ["torch", "ort"], prompts=[[5, 512]], steps=1)
+    assert {len(p) for p in default_prompts(512, 64, STEPS, 4, equal_lengths=True)} == {4}  # no mixed_lengths
+    with pytest.raises(ValidationError, match="unknown mode 'exact'; choose one of tolerance, parity, judge"):
+        validate(tiny, ["torch", "ort"], mode="exact")
+
+
+# ------------------------------------------------------------------------------------------------ modes
+
+
+@pytest.fixture(scope="module")
+def tiny16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from decodekit.export.artifact import ExportOptions, export_artifact
+
+    folder = tmp_path_factory.mktemp("modes") / "tiny-fp16"
+    export_artifact("preset:tiny", folder, ExportOptions(dtype="fp16", max_batch=4, max_seq=64, force=True))
+    return folder
+
+
+def test_parity_mode_decides_on_greedy_tokens_alone(tiny16: Path, tmp_path: Path) -> None:
+    """fp16 passes parity with identical tokens; a perturbed layer changes the tokens and fails it, whatever the dtype."""
+    good = validate(tiny16, ["torch", "ort"], steps=STEPS, mode="parity")
+    assert good.passed and good.comparisons[0].tolerance.describe() == "parity: identical greedy tokens"
+    perturb(tiny16, tmp_path / "bad", "layers.1.ffn.down_proj", factor=3.0)
+    bad = validate(tmp_path / "bad", ["torch", "ort"], steps=STEPS, mode="parity", bisect=False)
+    assert not bad.passed and bad.comparisons[0].reasons[0].startswith("greedy tokens differ")
+
+
+def test_judge_mode_tells_rounding_from_an_error(tiny16: Path, tmp_path: Path) -> None:
+    """fp16 ORT against the fp32 judge errs like fp16 torch and passes; a perturbed layer does not."""
+    good = validate(tiny16, ["torch", "ort"], steps=STEPS, mode="judge")
+    (c,) = good.comparisons
+    assert good.passed and c.judge is not None and good.backends[-1] == "torch-fp32-judge"
+    assert 0 < c.judge.reference.max_abs < 1e-2 and c.judge.candidate.max_abs <= c.judge.allowed_max_abs
+    assert c.judge.reference.argmax_agreement > 0.9
+    json.dumps(good.to_dict())
+    assert "against the fp32 judge" in format_report(good)
+    perturb(tiny16, tmp_path / "bad", "layers.1.ffn.down_proj", factor=1.5)
+    bad = validate(tmp_path / "bad", ["torch", "ort"], steps=STEPS, mode="judge", bisect=False)
+    assert not bad.passed and "not explained by rounding" in bad.comparisons[0].reasons[0]
+    with pytest.raises(ValidationError, match="--mode judge compares"):
+        validate(tiny16, ["ort"], mode="judge", reference="transformers")
+
+
+def test_judge_flags_near_ties() -> None:
+    """Two systems that pick different tokens where the fp32 top-2 margin is below their error: a near-tie."""
+    judge = [np.array([[1.0, 0.999, -3.0], [2.0, 0.0, -1.0]])]
+    ref = [judge[0] + np.array([[0.002, 0.0, 0.0], [0.001, 0.0, 0.0]])]  # keeps token 0
+    cand = [judge[0] + np.array([[0.0, 0.002, 0.0], [0.0, 0.001, 0.0]])]  # flips row 0 to token 1
+    j = judge_steps(ref, cand, judge)
+    (d,) = j.disagreements
+    assert (d.step, d.row, d.judge_pick, d.reference_pick, d.candidate_pick) == (0, 0, 0, 0, 1) and d.near_tie
+    assert j.passed and j.candidate.argmax_agreement == 0.5
+    far = judge_steps(ref, [judge[0] + 0.5 * np.eye(3)[[1, 1]]], judge)
+    assert not far.passed and far.candidate.max_abs == pytest.approx(0.5)
