@@ -92,22 +92,22 @@ def run_fixed(backend, state, reqs, clients: int) -> tuple[dict, list[list[int]]
 
     greedy = SamplingConfig(logprobs=False)
     ttft: list[float] = []
-    tokens: list[list[int]] = []
+    steps: list[list] = []  # per group, each step's [B] tokens (read after the clock stops)
     t0 = time.perf_counter()
     for g in range(0, len(reqs), clients):
         group = reqs[g:g + clients]
         start = time.perf_counter()
         st = state if len(group) == clients else None
         first = None
-        out: list[list[int]] = [[] for _ in group]
+        steps.append([])
         for ev in generate(backend, [p for p, _ in group], max(n for _, n in group), greedy, eos_ids=(), state=st):
             if first is None:
                 first = time.perf_counter() - start
-            for b, t in ev.new_tokens().items():
-                out[b].append(t)
+            steps[-1].append(ev.tokens)
         ttft += [first] * len(group)
-        tokens += [o[:n] for o, (_, n) in zip(out, group)]
     wall = time.perf_counter() - t0
+    tokens = [[int(s[b]) for s in group_steps[:n]] for g, group_steps in zip(range(0, len(reqs), clients), steps)
+              for b, (_, n) in enumerate(reqs[g:g + clients])]
     return summary(sum(n for _, n in reqs), wall, ttft), tokens
 
 

@@ -163,6 +163,19 @@ class Stream:
             self._result = collect(self.submitted, iter([delta] if delta is not None else []))
         return self._result
 
+    async def finished(self) -> Delta:
+        """Wait (in the stream's loop) for the end without a wake-up per token; everything not read yet, as one
+        Delta. Streams submitted with a loop."""
+        if self._event is None:
+            raise RuntimeError("this stream was submitted without an event loop: use result()")
+        while not self._ended.is_set():
+            self._event.clear()
+            if not self._ended.is_set():
+                await self._event.wait()
+        delta = self._drain()
+        assert delta is not None and delta.finished
+        return delta
+
     # --------------------------------------------------------------------------------------- engine side
 
     def feed(self, token: int, t: float) -> None:

@@ -200,7 +200,9 @@ class Scheduler:
                 self._notify.mark(stream)
                 continue
             eos = self.eos_ids if stream.request.eos_ids is None else stream.request.eos_ids
-            slot = Slot(self._free.popleft(), stream, eos, self.backend.manifest.config.vocab_size, self.backend.device)
+            with self.step.on_stream():  # CUDA: a request's own sampler lives on the step's stream
+                slot = Slot(self._free.popleft(), stream, eos, self.backend.manifest.config.vocab_size,
+                            self.backend.device)
             self.slots[slot.row] = slot
             self._by_id[stream.id] = slot
             (self._long if self.side.is_long(slot) else self._waiting).append(slot)

@@ -87,18 +87,18 @@ class SidePrefill:
             return None
         with self.on_stream():
             copier.copy(slot.row, slot.prefilled)
-        return self._first_tokens([slot], _last_valid(_as_torch(logits), np.array([n], dtype=np.int64)))[0]
+            return self._first_tokens([slot], _last_valid(_as_torch(logits), np.array([n], dtype=np.int64)))[0]
 
     def _run(self, group: list[Slot], state: StepState, copier: RowCopier) -> list[int]:
         prompts = [list(s.prompt) for s in group]
         lens_B = np.array([len(p) for p in prompts], dtype=np.int64)
         logits = self.backend.step(state, *_prefill_inputs(prompts, lens_B, 0))
         self.runs += 1
-        with self.on_stream():
+        with self.on_stream():  # CUDA: ordered with the decode steps (the rows' last use, their next one)
             for b, slot in enumerate(group):
                 copier.copy(slot.row, len(slot.prompt), b)
                 slot.prefilled = len(slot.prompt)
-        return self._first_tokens(group, _last_valid(_as_torch(logits), lens_B))
+            return self._first_tokens(group, _last_valid(_as_torch(logits), lens_B))
 
     @staticmethod
     def _first_tokens(group: list[Slot], last_BV: Any) -> list[int]:

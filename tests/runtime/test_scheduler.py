@@ -23,33 +23,31 @@ def backend(exported, one_thread):
 
 
 @pytest.fixture(scope="module")
-def gqa_backend(exported, tmp_path_factory, one_thread):
+def optimized(exported, tmp_path_factory, one_thread):
+    """Factory: the ORT CPU backend of preset:tiny optimized into a dialect (one per dialect per module)."""
     from decodekit.graphs.pipeline import optimize
     from decodekit.runtime.ort_backend import OrtBackend
 
-    out = tmp_path_factory.mktemp("gqa") / "artifact"
-    optimize(exported("preset:tiny"), out, "ort-gqa")
-    with OrtBackend(out, intra_op_threads=1) as b:
-        yield b
+    backends: dict[str, OrtBackend] = {}
 
+    def make(dialect: str) -> OrtBackend:
+        if dialect not in backends:
+            out = tmp_path_factory.mktemp(dialect) / "artifact"
+            optimize(exported("preset:tiny"), out, dialect)
+            backends[dialect] = OrtBackend(out, intra_op_threads=1)
+        return backends[dialect]
 
-@pytest.fixture(scope="module")
-def static_backend(exported, tmp_path_factory, one_thread):
-    from decodekit.graphs.pipeline import optimize
-    from decodekit.runtime.ort_backend import OrtBackend
-
-    out = tmp_path_factory.mktemp("gqa-static") / "artifact"
-    optimize(exported("preset:tiny"), out, "ort-gqa-static")
-    with OrtBackend(out, intra_op_threads=1) as b:
-        yield b
+    yield make
+    for b in backends.values():
+        b.close()
 
 
 @pytest.mark.parametrize("dialect", ["ort-gqa", "ort-gqa-static"])
-def test_side_prefill_on_the_gqa_dialects(gqa_backend, static_backend, dialect) -> None:
+def test_side_prefill_on_the_gqa_dialects(optimized, dialect) -> None:
     """GroupQueryAttention decodes rows of different lengths in one step. ort-gqa-static (the CUDA-graph dialect:
     no mixed-length prefill, no cache append) prefills only equal-length prompts together, each into an empty
     side cache: 10 prompts, some of equal length, queued at once."""
-    b = gqa_backend if dialect == "ort-gqa" else static_backend
+    b = optimized(dialect)
     prompts = _prompts(6, seed=5) + [[9, 8, 7], [4, 5, 6], [1, 2, 3, 4]] + [list(range(10, 50))]
     with Scheduler(b, SchedulerConfig(slots=4, prefill_chunk=16)) as sched:
         with sched._cond:

@@ -176,6 +176,7 @@ CASES: dict[str, Case] = {
     # the torch reference is rebuilt from the manifest's source: the hint names the CLI flag
     "validate an artifact whose source moved": Case("validate art", "`decodekit validate --reference-source SOURCE`",
                                                     setup=moved_source),
+    "serve: --no-cuda-graph on the cpu": Case("serve {tiny} --no-cuda-graph", "apply to --device cuda only"),
     # usage errors: click's exit code 2, still one line
     "an unknown option": Case("export preset:tiny -o out --bogus", "No such option", code=2),
     "a bad choice": Case("generate {tiny} --backend onnx --ids 1,2", "Invalid value for '--backend'", code=2),
