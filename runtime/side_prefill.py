@@ -33,10 +33,10 @@ from .slot import Slot
 class SidePrefill:
     def __init__(self, backend: Backend, shared: StepState, group: int, chunk: int,
                  on_stream: Callable[[], Any]) -> None:
-        self.backend, self.chunk, self.on_stream = backend, chunk, on_stream
+        self.backend, self.group, self.chunk, self.on_stream = backend, group, chunk, on_stream
         self.mixed = backend.manifest.allows("mixed_lengths")
         dst = backend.caches(shared)
-        self.sizes = [1 << i for i in range(max(group, 1).bit_length()) if 1 << i <= group]
+        self.sizes = [1 << i for i in range(group.bit_length())]  # 1, 2, 4, ... <= group
         self.states = {k: self._side(k, dst) for k in self.sizes}
         self.lane = self._side(1, dst) if backend.manifest.allows("cache_append") else None
         self.runs = 0  # prefill runs so far (a group of k prompts is one run per power-of-two piece)
@@ -44,10 +44,6 @@ class SidePrefill:
     def _side(self, batch: int, dst: list[Any]) -> tuple[StepState, RowCopier]:
         state = self.backend.allocate(batch)
         return state, RowCopier(dst, self.backend.caches(state))
-
-    @property
-    def group(self) -> int:
-        return sum(self.sizes)
 
     def is_long(self, slot: Slot) -> bool:
         """Prefilled in chunks, in the lane."""

@@ -170,3 +170,31 @@ def test_reading_tokens_one_step_behind_as_on_cuda(backend) -> None:
         results = [s.result() for s in streams]
     for i, (p, n, r) in enumerate(zip(prompts, budgets, results)):
         assert r.token_ids == _alone(backend, p, n, seeded if i % 3 == 0 else GREEDY), i
+
+
+@pytest.mark.gpu
+def test_cuda_scheduler_replays_one_captured_step_as_requests_come_and_go(optimized) -> None:
+    """On CUDA with ort-gqa-static the shared step is captured once and replayed while 10 requests (one seeded)
+    join and leave 3 slots; answers equal the same scheduler with the step uncaptured (same shapes, same kernels)."""
+    import onnxruntime as ort
+    import torch
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    from decodekit.runtime.ort_backend import OrtBackend
+
+    art = optimized("ort-gqa-static").artifact
+    prompts = _prompts(10, seed=21)
+    seeded = SamplingConfig(temperature=0.8, top_k=20, seed=7, logprobs=False)
+
+    def serve(graph: bool) -> tuple[list[list[int]], bool, int]:
+        with OrtBackend(art, device="cuda", cuda_graph=graph) as b, Scheduler(b, SchedulerConfig(slots=3)) as sched:
+            streams = [sched.submit(Request(tuple(p), 5 + i, seeded if i == 4 else GREEDY, eos_ids=()))
+                       for i, p in enumerate(prompts)]
+            return [s.result().token_ids for s in streams], sched.step.captured, b.captured_steps
+
+    want, captured, _ = serve(False)
+    assert not captured
+    got, captured, count = serve(True)
+    assert captured and count == 1
+    assert got == want
