@@ -15,8 +15,8 @@ could pass max_seq. Every engine step:
                 (runtime/side_prefill.py); each request's first token comes from its prefill
     decode      launch the shared [B, 1] step; rows whose request samples on its own (temperature, penalties,
                 seeds) overwrite their token from their row of the logits before it is fed back; read the
-                step's [B] tokens and account them with vector operations (``RowTable``): which request owned
-                each row when the step was launched, EOS, token budget; stop sequences row by row
+                step's [B] tokens and hand each to the request that owned its row when the step was launched
+                (EOS, stop sequences and token budget checked in the same pass)
     notify      consumers that got tokens are woken once (``Notifier``): text, hold-back of possible stop
                 sequences and Delta objects are made on their side (runtime/request.py)
 
