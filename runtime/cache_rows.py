@@ -1,5 +1,5 @@
-"""Copy one sequence's K/V rows between two states' caches, whatever holds them (runtime/scheduler.py's
-"side" prefill: a prompt prefilled alone in a batch-1 state joins its row of the shared cache).
+"""Copy one sequence's K/V rows between two states' caches, whatever holds them (runtime/side_prefill.py: prompts
+prefilled in a small side state join their rows of the shared cache).
 
 ``Backend.caches(state)`` gives the live buffers in contract order: torch tensors (tensorrt), numpy arrays
 (torch backend on the CPU) or OrtValues (ort). An OrtValue is viewed in place as a torch tensor through the
@@ -42,12 +42,13 @@ def as_torch(buffer: Any) -> Any:
 
 
 class RowCopier:
-    """Views of two states' caches, made once; ``copy(dst_row, n)`` copies rows [0, n) of src batch row 0."""
+    """Views of two states' caches, made once; ``copy(dst_row, n, src_row)`` copies positions [0, n) of one
+    sequence (on the current stream: a CUDA caller puts it on the backend's)."""
 
     def __init__(self, dst_buffers: list[Any], src_buffers: list[Any]) -> None:
         self.dst = [as_torch(b) for b in dst_buffers]
         self.src = [as_torch(b) for b in src_buffers]
 
-    def copy(self, dst_row: int, n: int) -> None:
+    def copy(self, dst_row: int, n: int, src_row: int = 0) -> None:
         for d, s in zip(self.dst, self.src):
-            d[dst_row, :, :n].copy_(s[0, :, :n])
+            d[dst_row, :, :n].copy_(s[src_row, :, :n])

@@ -22,7 +22,7 @@ from __future__ import annotations
 import warnings
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -139,7 +139,7 @@ class DecodeStep:
     def captured(self) -> bool:
         return self._graph is not None
 
-    def _ctx(self) -> Any:
+    def on_stream(self) -> Any:
         """CUDA: the backend's stream, on which every kernel of the step goes."""
         import contextlib
 
@@ -160,13 +160,15 @@ class DecodeStep:
         self.channel.clear()
         self.sampler.reset(prompts)
         lens = torch.from_numpy(np.stack([lens_B, lens_B, lens_B + 1]).astype(np.int64))
-        with self._ctx(), self._sampling_ctx(), torch.no_grad():
+        with self.on_stream(), self._sampling_ctx(), torch.no_grad():
             self.state.inputs[1:].copy_(lens.to(self.state.inputs.device, non_blocking=False))
             self._choose(last_BV.to(self.state.inputs.device))
         self.channel.push(self.sent)
 
-    def advance(self) -> None:
-        """One decode step on the device; its tokens are queued on the channel."""
+    def advance(self, fix: Callable[[Any, Any], None] | None = None) -> None:
+        """One decode step on the device; its tokens are queued on the channel. ``fix(logits_BV, ids_B)``, when
+        given, runs after the step (outside any captured graph) and may overwrite rows of the chosen tokens
+        ``ids_B`` before they are sent and fed to the next step (the scheduler's rows that sample on their own)."""
         import torch
 
         if self._graph is None and self._should_capture():
@@ -174,10 +176,27 @@ class DecodeStep:
         if self._graph is not None:
             self._graph.replay()
         else:
-            with self._ctx(), torch.no_grad():
+            with self.on_stream(), torch.no_grad():
                 self._body()
             self._eager_steps += 1
+        if fix is not None:
+            with self.on_stream(), torch.no_grad(), self._sampling_ctx():
+                fix(self._logits_BV, self._ids)
+                if self.packed is not None:
+                    self.packed[0].copy_(self._ids)
         self.channel.push(self.sent)
+
+    def place(self, rows: Sequence[int], inputs_4R: np.ndarray) -> None:
+        """Write the decode inputs of some rows (columns of ``state.inputs``: token, position, write index, valid
+        length), on the step's stream: a sequence joins (or a free row is rewound) without touching the others,
+        so a captured step replays as it is."""
+        import torch
+
+        values = torch.from_numpy(np.ascontiguousarray(inputs_4R, dtype=np.int64))
+        index = torch.as_tensor(list(rows), dtype=torch.int64)
+        with self.on_stream():
+            device = self.state.inputs.device
+            self.state.inputs.index_copy_(1, index.to(device), values.to(device))
 
     # ------------------------------------------------------------------------------------------------ body
 

@@ -1,25 +1,27 @@
 """Continuous batching over a static KV cache: the cache's batch rows are slots, one request per slot.
 
-One engine thread owns the backend and runs steps while any request is in a slot. Each shared step is one
-[B, S] ``Backend.step`` over every row; the std dialect builds the attention mask per row from position_ids and
-nonpad_kv_seqlen, so rows at different lengths, and rows doing different things, share it:
+One engine thread owns the backend. Its decode step is the decode loop's own (runtime/decode_step.py's
+``DecodeStep`` on one [B]-row state, with the greedy sampler): the step's inputs live in the int64 [4, B] tensor on
+the backend's device and advance there, its tokens reach the host through the ``TokenChannel`` (on CUDA one step
+behind, so the device never waits for the host), and where the artifact allows it (``host_free_decode``) the
+whole step is one captured CUDA graph, replayed every step. Requests come and go without touching it: a request
+joins by writing its row's column of the inputs (``DecodeStep.place``: its first token, its length) and leaves by
+being forgotten; a free row keeps stepping on pad tokens (its outputs are dropped), rewound to position 0 before it
+could pass max_seq. Every engine step:
 
-    prefilling row  ids = next prompt chunk (c <= prefill_chunk tokens) + pad, positions p.., write p, nonpad p + c
-    decoding row    ids = [last token, pad...],  positions len.., write len, nonpad len + 1
-    free row        ids = pad,                   positions 0..,   write 0,   nonpad 1 (its outputs are dropped)
+    cancels     requests cancelled since the last step leave their rows (or the queue)
+    admit       queued requests take free rows (``Slot``s)
+    prefill     a group of new prompts is prefilled beside the shared state and copied into its rows
+                (runtime/side_prefill.py); each request's first token comes from its prefill
+    decode      launch the shared [B, 1] step; rows whose request samples on its own (temperature, penalties,
+                seeds) overwrite their token from their row of the logits before it is fed back; read the
+                step's [B] tokens and hand each to the request that owned its row when the step was launched
+                (EOS, stop sequences and token budget checked in the same pass)
+    notify      consumers that got tokens are woken once (``Notifier``): text, hold-back of possible stop
+                sequences and Delta objects are made on their side (runtime/request.py)
 
-Padding columns write K/V past a row's valid length, which nonpad masks and later steps overwrite; S is capped
-so that every row's write + S stays within max_seq. How a new request's prompt gets into its row
-(``SchedulerConfig.prefill``):
-
-- "side" (default): the whole prompt runs alone in a batch-1 state, its K/V rows are copied into the slot's row
-  of the shared cache (``Backend.caches``), and the shared steps stay [B, 1]. Measured on the CPU (preset:tiny,
-  benchmarks/serve_load.py) this is the fast mode: a [B, S] step makes every row compute S columns.
-- "mixed": the prompt is prefilled in chunks inside the shared [B, S] steps, beside the decoding rows.
-
-Either way the request takes its first token from its prefill's logits, joins the shared decode steps from
-the next step on, and leaves its slot at EOS, a stop sequence, its token budget or cancellation. Requests beyond
-the slots wait in a bounded FIFO queue; beyond ``max_queue`` ``submit`` raises QueueFullError.
+A request leaves its slot at EOS, a stop sequence, its token budget or cancellation. Requests beyond the slots
+wait in a bounded FIFO queue; beyond ``max_queue`` ``submit`` raises QueueFullError.
 
 Library use::
 
@@ -41,22 +43,23 @@ import numpy as np
 
 from ..errors import GenerationError, QueueFullError
 from .backend import Backend, check_prompts
-from .cache_rows import RowCopier
-from .request import Delta, Request, Stream
+from .decode_step import DecodeStep
+from .request import FinishReason, Notifier, Request, Stream
+from .sampler import SamplingConfig
+from .side_prefill import SidePrefill
 from .slot import Slot
 from .tokenizer import Tokenizer, generation_eos_ids
+
+PLAIN_GREEDY = SamplingConfig(logprobs=False)  # the shared step's own sampler: argmax of the raw logits
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_queue: int = 64  # requests waiting for a slot; more are refused
-    prefill_chunk: int = 256  # most prompt tokens of one request per step (bounds the other rows' step latency)
+    prefill_chunk: int = 256  # longer prompts are prefilled this many tokens per engine step (cache_append)
     slots: int | None = None  # cache rows to serve from; None = the artifact's max_batch
     pad_id: int = 0
-    # "side": prefill each new prompt alone in a batch-1 state and copy its K/V into its row (decode steps stay
-    # [B, 1]); "mixed": prefill it in the shared [B, S] step beside the decoding rows (every row computes S columns)
-    prefill: str = "side"
-    prefills_per_step: int = 4  # "side": new prompts prefilled before each shared decode step
+    prefills_per_step: int = 8  # most new prompts prefilled together before one shared decode step
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -65,49 +68,8 @@ class SchedulerConfig:
             raise GenerationError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.slots is not None and self.slots < 1:
             raise GenerationError(f"slots must be >= 1, got {self.slots}")
-        if self.prefill not in ("side", "mixed"):
-            raise GenerationError(f"prefill must be 'side' or 'mixed', got {self.prefill!r}")
         if self.prefills_per_step < 1:
             raise GenerationError(f"prefills_per_step must be >= 1, got {self.prefills_per_step}")
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """Host arrays of one mixed step, and which rows sample a token from it (``sample_col`` = logits column)."""
-
-    ids_BS: np.ndarray
-    pos_BS: np.ndarray
-    write_B: np.ndarray
-    nonpad_B: np.ndarray
-    chunks: dict[int, int]  # row -> prompt tokens prefilled by this step
-    sample_col: dict[int, int]  # row -> column of its last real token, for rows that choose a token
-
-
-def plan_step(slots: list[Slot | None], max_seq: int, prefill_chunk: int, pad_id: int = 0,
-              decode_only: bool = False) -> StepPlan:
-    """The next step over every row (see the module docstring); needs at least one busy slot. ``decode_only``:
-    rows still to prefill step as free rows."""
-    busy = [s for s in slots if s is not None and (s.decoding or not decode_only)]
-    room = min(max_seq - (s.prefilled if not s.decoding else s.length) for s in busy)  # S so every write fits
-    chunks = {s.row: len(s.chunk(min(prefill_chunk, room))) for s in busy if not s.decoding}
-    S = max([1, *chunks.values()])
-    B = len(slots)
-    ids = np.full((B, S), pad_id, dtype=np.int64)
-    pos = np.broadcast_to(np.arange(S, dtype=np.int64), (B, S)).copy()
-    write = np.zeros(B, dtype=np.int64)
-    nonpad = np.ones(B, dtype=np.int64)
-    sample_col: dict[int, int] = {}
-    for s in busy:
-        if s.decoding:
-            base, tokens = s.length, [s.output[-1]]
-        else:
-            base, tokens = s.prefilled, s.chunk(chunks[s.row])
-        ids[s.row, :len(tokens)] = tokens
-        pos[s.row] += base
-        write[s.row], nonpad[s.row] = base, base + len(tokens)
-        if s.decoding or s.prefilled + len(tokens) == len(s.prompt):
-            sample_col[s.row] = len(tokens) - 1
-    return StepPlan(ids, pos, write, nonpad, chunks, sample_col)
 
 
 class Scheduler:
@@ -115,23 +77,34 @@ class Scheduler:
 
     def __init__(self, backend: Backend, config: SchedulerConfig = SchedulerConfig(),
                  tokenizer: Tokenizer | None = None) -> None:
-        needs = ["mixed_lengths"] + (["cache_append"] if config.prefill == "mixed" else [])
-        if not all(backend.manifest.allows(c) for c in needs):
-            raise GenerationError(f"continuous batching ({config.prefill} prefill) needs an artifact that allows "
-                                  f"{' and '.join(needs)}; this {backend.manifest.dialect} artifact does not "
-                                  f"(re-optimize with --dialect std)")
         self.backend, self.config, self.tokenizer = backend, config, tokenizer
         self.eos_ids = generation_eos_ids(backend.artifact, backend.manifest)
+        self.max_seq = backend.max_seq
         n = config.slots or backend.max_batch
         self.state = backend.allocate(n)
-        self.side = backend.allocate(1) if config.prefill == "side" else None
-        self._rows = (RowCopier(backend.caches(self.state), backend.caches(self.side))
-                      if self.side is not None else None)
+        self.step = DecodeStep.of(backend, self.state, PLAIN_GREEDY)
+        self.side = SidePrefill(backend, self.state, config.prefills_per_step, config.prefill_chunk,
+                                self.step.on_stream)
         self.slots: list[Slot | None] = [None] * n
+        self.length = np.zeros(n, dtype=np.int64)  # per row: the position the next step feeds (host mirror)
+        self._decoding: dict[int, Slot] = {}  # row -> slot, rows that take part in the decode step
+        self._live: tuple[list[int], list[Slot]] | None = None  # the decoding rows, made when they change
+        # free rows keep stepping: every few steps those that could reach max_seq before the next check go back
+        self._rewind_every = max(1, min(16, self.max_seq // 4))
+        self._rewind_at = self.max_seq - 1 - self._rewind_every
+        self._rewind(list(range(n)))  # every row starts free
+        self._free = collections.deque(range(n))
+        self._waiting: collections.deque[Slot] = collections.deque()  # have a row, prompt not prefilled yet
+        self._long: collections.deque[Slot] = collections.deque()  # prompts prefilled in chunks (SidePrefill lane)
+        self._special: dict[int, Slot] = {}  # decoding rows that sample on their own
+        self._launched: collections.deque[tuple[list[int], list[Slot]]] = collections.deque()  # not read yet
+        self._by_id: dict[int, Slot] = {}
         self._queue: collections.deque[Stream] = collections.deque()
+        self._cancels: collections.deque[Stream] = collections.deque()
+        self._notify = Notifier()
         self._cond = threading.Condition()
         self._closing = False
-        self._rate: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) of recent steps
+        self._rate: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)  # (time, tokens) of steps
         self.steps = 0
         self.tokens_generated = 0
         self.failure: BaseException | None = None
@@ -143,12 +116,11 @@ class Scheduler:
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> Stream:
         """Queue a request; GenerationError for one the artifact cannot serve, QueueFullError when full."""
         check_prompts(self.backend.manifest, [request.prompt_ids], request.max_tokens, GenerationError)
-        stream = Stream(request, loop, wake=self._wake)
+        stream = Stream(request, loop, on_cancel=self._cancel, tokenizer=self.tokenizer)
         with self._cond:
             if self._closing:
                 raise GenerationError("the scheduler is shut down")
-            free = sum(s is None for s in self.slots)
-            if len(self._queue) >= self.config.max_queue + free:
+            if len(self._queue) >= self.config.max_queue + len(self._free):
                 raise QueueFullError(f"{len(self._queue)} requests are waiting for a slot (--max-queue "
                                      f"{self.config.max_queue}); retry later")
             self._queue.append(stream)
@@ -161,7 +133,7 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return sum(s is not None for s in self.slots)
+        return len(self.slots) - len(self._free)
 
     def tokens_per_second(self, window_s: float = 10.0) -> float:
         """Generated tokens per second over the last ``window_s`` seconds."""
@@ -184,112 +156,181 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------- engine
 
-    def _wake(self) -> None:
+    def _cancel(self, stream: Stream) -> None:
+        self._cancels.append(stream)
         with self._cond:
             self._cond.notify()
+
+    def _idle(self) -> bool:
+        return not (self._queue or self._cancels or self._waiting or self._long or self._decoding
+                    or self._launched)
 
     def _run(self) -> None:
         import torch
 
+        torch.set_grad_enabled(False)  # this thread's setting
         while True:
-            with self._cond:
-                while not self._closing and not self._queue and self.active == 0:
-                    self._cond.wait()
-                if self._closing:
-                    break
-                self._admit()
-            if self.active:
-                try:
-                    with torch.no_grad():
-                        self._step()
-                except Exception as e:  # a bug or a device failure: fail the requests of this step, keep serving
-                    self.failure = e
-                    self._finish_all("error", f"{type(e).__name__}: {e}")
-        self._finish_all("cancelled", None)
+            if self._queue or self._closing or self._idle():  # the lock only when there is something to take
+                with self._cond:
+                    while not self._closing and self._idle():
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                    self._admit()
+            try:
+                self._tick()
+            except Exception as e:  # a bug or a device failure: fail the requests in flight, keep serving
+                self.failure = e
+                self._launched.clear()
+                self.step.channel.clear()
+                self._end_all("error", f"{type(e).__name__}: {e}")
+            self._notify.flush()
+        self._end_all("cancelled", None)
         with self._cond:
             while self._queue:
-                self._queue.popleft().push(Delta((), "", "cancelled"))
+                self._queue.popleft().end("cancelled")
+        self._notify.flush()
 
     def _admit(self) -> None:
-        """Free cancelled slots, then move queued requests into free slots (called with the lock held)."""
-        for s in self.slots:
-            if s is not None and s.stream.cancelled:
-                self._free(s, "cancelled")
-        while self._queue and None in self.slots:
+        """Move queued requests into free rows (called with the lock held)."""
+        while self._queue and self._free:
             stream = self._queue.popleft()
             if stream.cancelled:
-                stream.push(Delta((), "", "cancelled"))
+                stream.end("cancelled")
+                self._notify.mark(stream)
                 continue
-            row = self.slots.index(None)
             eos = self.eos_ids if stream.request.eos_ids is None else stream.request.eos_ids
-            self.slots[row] = Slot(row, stream, self.backend.manifest.config.vocab_size, eos,
-                                   self.backend.device, self.tokenizer)
+            with self.step.on_stream():  # CUDA: a request's own sampler lives on the step's stream
+                slot = Slot(self._free.popleft(), stream, eos, self.backend.manifest.config.vocab_size,
+                            self.backend.device)
+            self.slots[slot.row] = slot
+            self._by_id[stream.id] = slot
+            (self._long if self.side.is_long(slot) else self._waiting).append(slot)
 
-    def _step(self) -> None:
+    def _tick(self) -> None:
+        self._take_cancels()
         made = 0
-        if self.side is not None:
-            for slot in [s for s in self.slots if s is not None and not s.decoding][:self.config.prefills_per_step]:
-                made += self._side_prefill(slot)
-        if any(s is not None and (s.decoding or self.side is None) for s in self.slots):
-            made += self._shared_step()
+        if self._waiting:
+            group = self.side.take(self._waiting)
+            made += self._start(group, self.side.prefill(group))
+        if self._long:
+            token = self.side.advance_lane(self._long[0])
+            if token is not None:
+                made += self._start([self._long.popleft()], [token])
+        if self._decoding or self._launched:
+            while self._decoding and len(self._launched) <= self.step.channel.lookahead:
+                self._launch()
+            made += self._collect()
         self.tokens_generated += made
-        self._rate.append((time.perf_counter(), made))
-        while len(self._rate) > 4096:
-            self._rate.popleft()
+        if made:
+            self._rate.append((time.perf_counter(), made))
 
-    def _shared_step(self) -> int:
-        plan = plan_step(self.slots, self.backend.max_seq, self.config.prefill_chunk, self.config.pad_id,
-                         decode_only=self.side is not None)
-        logits = _as_torch(self.backend.step(self.state, plan.ids_BS, plan.pos_BS, plan.write_B, plan.nonpad_B))
+    def _start(self, group: list[Slot], tokens: list[int]) -> int:
+        """The group's first tokens are out: send them, end the requests they finish, place the others' rows."""
+        t = time.perf_counter()
+        rows, cols = [], []
+        for slot, token in zip(group, tokens):
+            slot.stream.feed(token, t)
+            reason, trim = slot.accept(token)
+            if reason is not None:
+                self._end(slot, reason, trim)
+                continue
+            n = len(slot.prompt)
+            self._decoding[slot.row] = slot
+            self._live = None
+            self.length[slot.row] = n
+            if not slot.plain:
+                self._special[slot.row] = slot
+            rows.append(slot.row)
+            cols.append((token, n, n, n + 1))
+            self._mark(slot.stream)
+        if rows:
+            self.step.place(rows, np.array(cols, dtype=np.int64).T)
+        return len(group)
+
+    def _launch(self) -> None:
+        """Launch one shared decode step (free rows getting near max_seq are rewound first, now and then)."""
+        if self.steps % self._rewind_every == 0:
+            self._rewind([r for r in np.flatnonzero(self.length >= self._rewind_at).tolist()
+                          if r not in self._decoding])
+        self.step.advance(self._resample if self._special else None)
+        self.length += 1
+        if self._live is None:
+            self._live = (list(self._decoding), list(self._decoding.values()))
+        self._launched.append(self._live)
         self.steps += 1
-        for row, n in plan.chunks.items():
-            self.slots[row].prefilled += n
-        cols = {row: (col if logits.shape[1] > 1 else 0) for row, col in plan.sample_col.items()}
-        greedy = [row for row in cols if self.slots[row].plain_greedy]
-        if greedy:  # one argmax for every plain-greedy row (the Sampler's greedy path: first index on ties)
-            import torch
 
-            from .sampler_torch import argmax_last
+    def _rewind(self, rows: list[int]) -> None:
+        """Free rows back to position 0 (pad token, valid length 1)."""
+        if rows:
+            pad = np.zeros((4, len(rows)), dtype=np.int64)
+            pad[0], pad[3] = self.config.pad_id, 1
+            self.step.place(rows, pad)
+            self.length[rows] = 0
 
-            rows = torch.as_tensor(greedy, device=logits.device)
-            picked = logits[rows, torch.as_tensor([cols[r] for r in greedy], device=logits.device)]
-            for row, token in zip(greedy, argmax_last(picked).tolist()):
-                self._finish_if(self.slots[row], self.slots[row].accept(token))
-        for row, col in cols.items():
-            if row not in greedy:
-                self._choose(self.slots[row], logits[row:row + 1, col])
-        return len(cols)
+    def _resample(self, logits_BV: Any, ids_B: Any) -> None:
+        for row, slot in self._special.items():
+            ids_B[row:row + 1].copy_(slot.choose(logits_BV[row:row + 1]))
 
-    def _side_prefill(self, slot: Slot) -> int:
-        """The whole prompt in the batch-1 side state, its K/V rows copied into the slot's row, token 0 chosen."""
-        n = len(slot.prompt)
-        ids = np.asarray([slot.prompt], dtype=np.int64)
-        logits = _as_torch(self.backend.step(self.side, ids, np.arange(n, dtype=np.int64)[None],
-                                             np.zeros(1, dtype=np.int64), np.array([n], dtype=np.int64)))
-        self._rows.copy(slot.row, n)
-        slot.prefilled = n
-        self._choose(slot, logits[:, -1])
-        return 1
+    def _collect(self) -> int:
+        """Read the oldest launched step's tokens and hand each to the request that owned its row at launch (if
+        it still does). One pass over the rows: measured on this CPU, the per-row checks in it (EOS, budget)
+        cost less than the numpy operations that would replace them up to 64 rows (6.5 us against 14 us)."""
+        tokens_B, _ = self.step.channel.pop()
+        live = self._launched.popleft()
+        tokens = tokens_B.tolist()
+        t = time.perf_counter()
+        stale = live is not self._live
+        n = 0
+        for row, slot in zip(*live):
+            if stale and self.slots[row] is not slot:
+                continue
+            token = tokens[row]
+            slot.stream.feed(token, t)
+            n += 1
+            reason, trim = slot.accept(token)
+            if reason is not None:
+                self._end(slot, reason, trim)
+            elif slot.stream.each_token:
+                self._notify.mark(slot.stream)
+        return n
 
-    def _choose(self, slot: Slot, logits_1V: Any) -> None:
-        self._finish_if(slot, slot.choose(logits_1V))
+    # ------------------------------------------------------------------------------------------- leaving
 
-    def _finish_if(self, slot: Slot, reason: str | None) -> None:
-        slot.emit(reason)  # type: ignore[arg-type]
-        if reason is not None:
-            self.slots[slot.row] = None
+    def _mark(self, stream: Stream) -> None:
+        if stream.each_token:
+            self._notify.mark(stream)
 
-    def _free(self, slot: Slot, reason: str, error: str | None = None) -> None:
-        slot.emit(reason, error)  # type: ignore[arg-type]
+    def _end(self, slot: Slot, reason: FinishReason, trim: int = 0, error: str | None = None) -> None:
+        slot.stream.end(reason, trim, error)
+        self._notify.mark(slot.stream)
+        if self._decoding.pop(slot.row, None) is not None:
+            self._live = None
+            if self.length[slot.row] >= self._rewind_at:
+                self._rewind([slot.row])
         self.slots[slot.row] = None
+        self._special.pop(slot.row, None)
+        self._by_id.pop(slot.stream.id, None)
+        self._free.append(slot.row)
 
-    def _finish_all(self, reason: str, error: str | None) -> None:
-        for s in self.slots:
-            if s is not None:
-                self._free(s, reason, error)
+    def _take_cancels(self) -> None:
+        while self._cancels:
+            stream = self._cancels.popleft()
+            slot = self._by_id.get(stream.id)
+            if slot is not None:
+                for lane in (self._waiting, self._long):
+                    if slot in lane:
+                        lane.remove(slot)
+                self._end(slot, "cancelled")
+            elif not stream.done:
+                with self._cond:
+                    if stream in self._queue:
+                        self._queue.remove(stream)
+                stream.end("cancelled")
+                self._notify.mark(stream)
 
-
-def _as_torch(logits: Any) -> Any:
-    import torch
-
-    return logits if isinstance(logits, torch.Tensor) else torch.from_numpy(np.asarray(logits))
+    def _end_all(self, reason: FinishReason, error: str | None) -> None:
+        self._waiting.clear()
+        self._long.clear()
+        for slot in [s for s in self.slots if s is not None]:
+            self._end(slot, reason, 0, error)

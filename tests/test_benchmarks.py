@@ -98,16 +98,18 @@ def test_gpu_roofline_merges_runs_of_one_device(tmp_path):
 
 
 def test_serve_load_runs_small(tmp_path, exported):
-    """benchmarks/serve_load.py: continuous batching and fixed batches produce every requested token."""
+    """benchmarks/serve_load.py: continuous batching and fixed batches produce every requested token, the same
+    greedy tokens (fp32)."""
     out, png = tmp_path / "serve.json", tmp_path / "serve.png"
     r = _run("benchmarks/serve_load.py", "--artifact", str(exported("preset:tiny")), "--clients", "1,4",
-             "--requests", "8", "--threads", "1", "--out", str(out), "--plot", str(png))
+             "--requests", "8", "--rounds", "1", "--threads", "1", "--out", str(out), "--plot", str(png))
     assert r.returncode == 0, r.stderr[-2000:]
     levels = json.loads(out.read_text())["levels"]
     assert set(levels) == {"1", "4"}
     for level in levels.values():
         for mode in ("continuous", "fixed"):
             assert level[mode]["tokens_per_s"] > 0 and level[mode]["ttft_p99_ms"] >= level[mode]["ttft_p50_ms"]
+        assert level["identical_requests"] == "8/8"
     assert png.stat().st_size > 10_000
 
 

@@ -175,8 +175,9 @@ class Server:
     async def _collect(self, request: Any, stream: Stream) -> Completion:
         """The whole result; a client that disconnects meanwhile cancels the request."""
         async def drain() -> Completion:
-            deltas = [d async for d in self._deltas(stream)]
-            return collect(stream.submitted, iter(deltas))
+            delta = await stream.finished()  # no wake-up per token
+            self.metrics.observe(stream, delta, {})
+            return collect(stream.submitted, iter([delta]))
 
         task = asyncio.ensure_future(drain())
         while not task.done():

@@ -36,18 +36,19 @@ class ServeMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
 
     def observe(self, stream: Stream, delta: Delta, last: dict[str, Any]) -> None:
-        """Account one delta of ``stream``; ``last`` keeps the request's previous token time."""
+        """Account one delta of ``stream`` (its tokens may span several steps); ``last`` keeps the request's
+        previous token time."""
         n = len(delta.token_ids)
         if not n:
             return
         self.tokens.inc(n)
         prev = last.get("t")
         if prev is None:
-            self.ttft.observe(delta.time - stream.submitted)
-        else:
-            gap = (delta.time - prev) / n
-            for _ in range(n):
-                self.itl.observe(gap)
+            first = delta.first_time if delta.first_time is not None else delta.time
+            self.ttft.observe(first - stream.submitted)
+            prev, n = first, n - 1
+        for _ in range(n):
+            self.itl.observe((delta.time - prev) / n)
         last["t"] = delta.time
 
     def render(self) -> tuple[bytes, str]:

@@ -9,7 +9,7 @@ from decodekit.errors import GenerationError, QueueFullError
 from decodekit.runtime.generate import generate_ids
 from decodekit.runtime.request import Request
 from decodekit.runtime.sampler import SamplingConfig
-from decodekit.runtime.scheduler import Scheduler, SchedulerConfig, plan_step
+from decodekit.runtime.scheduler import Scheduler, SchedulerConfig
 
 GREEDY = SamplingConfig(logprobs=False)
 
@@ -23,22 +23,37 @@ def backend(exported, one_thread):
 
 
 @pytest.fixture(scope="module")
-def gqa_backend(exported, tmp_path_factory, one_thread):
+def optimized(exported, tmp_path_factory, one_thread):
+    """Factory: the ORT CPU backend of preset:tiny optimized into a dialect (one per dialect per module)."""
     from decodekit.graphs.pipeline import optimize
     from decodekit.runtime.ort_backend import OrtBackend
 
-    out = tmp_path_factory.mktemp("gqa") / "artifact"
-    optimize(exported("preset:tiny"), out, "ort-gqa")
-    with OrtBackend(out, intra_op_threads=1) as b:
-        yield b
+    backends: dict[str, OrtBackend] = {}
+
+    def make(dialect: str) -> OrtBackend:
+        if dialect not in backends:
+            out = tmp_path_factory.mktemp(dialect) / "artifact"
+            optimize(exported("preset:tiny"), out, dialect)
+            backends[dialect] = OrtBackend(out, intra_op_threads=1)
+        return backends[dialect]
+
+    yield make
+    for b in backends.values():
+        b.close()
 
 
-def test_side_prefill_on_the_ort_gqa_dialect(gqa_backend) -> None:
-    """GroupQueryAttention decodes rows of different lengths in one step: the side prefill serves ort-gqa."""
-    prompts = _prompts(10, seed=5)
-    with Scheduler(gqa_backend, SchedulerConfig(slots=4)) as sched:
-        results = [s.result() for s in [sched.submit(Request(tuple(p), 9, GREEDY, eos_ids=())) for p in prompts]]
-    assert [r.token_ids for r in results] == [_alone(gqa_backend, p, 9) for p in prompts]
+@pytest.mark.parametrize("dialect", ["ort-gqa", "ort-gqa-static"])
+def test_side_prefill_on_the_gqa_dialects(optimized, dialect) -> None:
+    """GroupQueryAttention decodes rows of different lengths in one step. ort-gqa-static (the CUDA-graph dialect:
+    no mixed-length prefill, no cache append) prefills only equal-length prompts together, each into an empty
+    side cache: 10 prompts, some of equal length, queued at once."""
+    b = optimized(dialect)
+    prompts = _prompts(6, seed=5) + [[9, 8, 7], [4, 5, 6], [1, 2, 3, 4]] + [list(range(10, 50))]
+    with Scheduler(b, SchedulerConfig(slots=4, prefill_chunk=16)) as sched:
+        with sched._cond:
+            streams = [sched.submit(Request(tuple(p), 9, GREEDY, eos_ids=())) for p in prompts]
+        results = [s.result() for s in streams]
+    assert [r.token_ids for r in results] == [_alone(b, p, 9) for p in prompts]
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -50,14 +65,14 @@ def _alone(backend, prompt, max_tokens, sampling=GREEDY):
     return generate_ids(backend, [prompt], max_tokens, sampling, eos_ids=())[0]
 
 
-@pytest.mark.parametrize("prefill", ["mixed", "side"])
-def test_continuous_batching_matches_single_requests(backend, prefill) -> None:
-    """12 requests on 8 slots, submitted while others decode (mixed: prompts are chunked by 7 tokens, so prefills
-    span several [B, S] steps beside decoding rows; side: prefilled alone and copied into their rows): every
-    greedy output equals generating that prompt alone."""
+@pytest.mark.parametrize("chunk", [256, 7])
+def test_continuous_batching_matches_single_requests(backend, chunk) -> None:
+    """12 requests on 8 slots, submitted while others decode (chunk 7: prompts over 7 tokens are prefilled 7 tokens
+    per engine step in the side lane, beside the decoding rows): every greedy output equals generating that prompt
+    alone."""
     prompts = _prompts(12)
     budgets = [3 + (i * 5) % 17 for i in range(12)]
-    with Scheduler(backend, SchedulerConfig(prefill_chunk=7, prefill=prefill)) as sched:
+    with Scheduler(backend, SchedulerConfig(prefill_chunk=chunk)) as sched:
         first = [sched.submit(Request(tuple(p), n, GREEDY, eos_ids=())) for p, n in zip(prompts[:5], budgets)]
         done = first[0].result()  # the later ones arrive while the others are mid-generation
         rest = [sched.submit(Request(tuple(p), n, GREEDY, eos_ids=())) for p, n in zip(prompts[5:], budgets[5:])]
@@ -66,6 +81,30 @@ def test_continuous_batching_matches_single_requests(backend, prefill) -> None:
     for p, n, r in zip(prompts, budgets, results):
         assert r.finish_reason == "length"
         assert r.token_ids == _alone(backend, p, n)
+
+
+def test_requests_that_arrive_together_are_prefilled_together(backend) -> None:
+    """7 prompts of different lengths queued at once: one right-padded prefill per power-of-two piece (4 + 2 + 1),
+    and every answer as if alone."""
+    prompts = _prompts(7, seed=11)
+    with Scheduler(backend, SchedulerConfig(prefills_per_step=8)) as sched:
+        with sched._cond:  # the engine admits nothing until all are queued
+            streams = [sched.submit(Request(tuple(p), 6, GREEDY, eos_ids=())) for p in prompts]
+        results = [s.result() for s in streams]
+        assert sched.side.runs == 3
+    assert [r.token_ids for r in results] == [_alone(backend, p, 6) for p in prompts]
+
+
+def test_free_rows_are_rewound_before_they_pass_max_seq(backend) -> None:
+    """Row 1 stays free while row 0 serves two long requests one after the other (more steps than max_seq): the free
+    row is rewound, no input passes max_seq, and the answers are right."""
+    max_seq = backend.max_seq
+    prompt, n = [5, 6, 7], max_seq - 4
+    with Scheduler(backend, SchedulerConfig(slots=2)) as sched:
+        got = [sched.submit(Request(tuple(prompt), n, GREEDY, eos_ids=())).result() for _ in range(2)]
+        assert sched.steps > max_seq
+        assert int(sched.state.inputs[1:3].max()) < max_seq and int(sched.length.max()) < max_seq
+    assert got[0].token_ids == got[1].token_ids == _alone(backend, prompt, n)
 
 
 def test_seeded_sampling_is_independent_of_the_batch(backend) -> None:
@@ -117,15 +156,45 @@ def test_bad_requests_are_refused_at_submit(backend) -> None:
                 sched.submit(bad)
 
 
-def test_plan_keeps_every_write_inside_the_cache() -> None:
-    """A decode row near max_seq caps the prefill chunk of a new row, so no padding column writes past max_seq."""
-    from decodekit.runtime.slot import Slot
-    from decodekit.runtime.request import Stream
+def test_reading_tokens_one_step_behind_as_on_cuda(backend) -> None:
+    """On CUDA the host reads step k's tokens after launching step k+1 (TokenChannel.lookahead = 1): rows that end
+    at step k step once more, rows that join after a launch must not take its tokens. The same bookkeeping on the
+    CPU, with seeded sampling and stop sequences in the mix: every answer as if alone."""
+    prompts = _prompts(10, seed=21)
+    budgets = [2 + (i * 7) % 19 for i in range(10)]
+    seeded = SamplingConfig(temperature=0.8, top_k=20, seed=7, logprobs=False)
+    with Scheduler(backend, SchedulerConfig(slots=3)) as sched:
+        sched.step.channel.lookahead = 1
+        streams = [sched.submit(Request(tuple(p), n, seeded if i % 3 == 0 else GREEDY, eos_ids=()))
+                   for i, (p, n) in enumerate(zip(prompts, budgets))]
+        results = [s.result() for s in streams]
+    for i, (p, n, r) in enumerate(zip(prompts, budgets, results)):
+        assert r.token_ids == _alone(backend, p, n, seeded if i % 3 == 0 else GREEDY), i
 
-    old = Slot(0, Stream(Request(tuple(range(3, 60)), 4)), 512, (), "cpu", None)
-    old.prefilled, old.output = 57, [5]
-    new = Slot(1, Stream(Request(tuple(range(3, 40)), 4)), 512, (), "cpu", None)
-    plan = plan_step([old, new, None], max_seq=64, prefill_chunk=256)
-    assert plan.ids_BS.shape == (3, 7) and plan.chunks == {1: 7}
-    assert (plan.write_B + plan.ids_BS.shape[1] <= 64).all()
-    assert plan.sample_col == {0: 0} and plan.nonpad_B.tolist() == [58, 7, 1]
+
+@pytest.mark.gpu
+def test_cuda_scheduler_replays_one_captured_step_as_requests_come_and_go(optimized) -> None:
+    """On CUDA with ort-gqa-static the shared step is captured once and replayed while 10 requests (one seeded)
+    join and leave 3 slots; answers equal the same scheduler with the step uncaptured (same shapes, same kernels)."""
+    import onnxruntime as ort
+    import torch
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    from decodekit.runtime.ort_backend import OrtBackend
+
+    art = optimized("ort-gqa-static").artifact
+    prompts = _prompts(10, seed=21)
+    seeded = SamplingConfig(temperature=0.8, top_k=20, seed=7, logprobs=False)
+
+    def serve(graph: bool) -> tuple[list[list[int]], bool, int]:
+        with OrtBackend(art, device="cuda", cuda_graph=graph) as b, Scheduler(b, SchedulerConfig(slots=3)) as sched:
+            streams = [sched.submit(Request(tuple(p), 5 + i, seeded if i == 4 else GREEDY, eos_ids=()))
+                       for i, p in enumerate(prompts)]
+            return [s.result().token_ids for s in streams], sched.step.captured, b.captured_steps
+
+    want, captured, _ = serve(False)
+    assert not captured
+    got, captured, count = serve(True)
+    assert captured and count == 1
+    assert got == want
