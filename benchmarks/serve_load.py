@@ -21,7 +21,7 @@ how many requests got the same greedy tokens from both modes (fp32: all; fp16 on
 weights can differ between batch shapes).
 
 Models: on the CPU a decodekit preset exported fp32 (std dialect); with ``--device cuda`` a random fp16
-Hugging Face checkpoint of the preset's shape (benchmarks/harness.make_hf), exported fp16 and optimized to
+Hugging Face checkpoint of the preset's shape (benchmarks/harness.Checkpoint), exported fp16 and optimized to
 ``ort-gqa-static``, whose decode step is captured as one CUDA graph (needs onnxruntime-gpu and a CUDA GPU).
 """
 
@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from harness import log, make_hf
+from harness import Checkpoint, log
 
 EQUAL_PROMPT = 36  # prompt length for artifacts whose batches need equal lengths
 
@@ -163,7 +163,7 @@ def build(args) -> Path:
     std, static = args.work / f"{args.model}-fp16-b{batch}-std", args.work / f"{args.model}-fp16-b{batch}-ort-gqa-static"
     if not (static / "manifest.json").exists():
         t = time.perf_counter()
-        hf = make_hf(args.model, args.work)
+        hf = Checkpoint.make(args.model, args.work, "fp16", "cuda", 256, batch).hf
         export_artifact(str(hf), std, ExportOptions(dtype="fp16", max_batch=batch, max_seq=256, logits="last",
                                                     force=True), progress=log)
         optimize(std, static, "ort-gqa-static", force=True)
