@@ -117,14 +117,15 @@ def summary(tokens: int, wall: float, ttft: list[float]) -> dict:
             "ttft_mean_ms": round(1e3 * statistics.fmean(ttft), 2)}
 
 
-def run_level(backend, reqs, clients: int, rounds: int) -> dict:
-    """Both modes at one concurrency, alternating, after one warm-up of each (capture, first runs)."""
+def run_level(backend, reqs, clients: int, rounds: int, serving=None) -> dict:
+    """Both modes at one concurrency, alternating, after one warm-up of each (capture, first runs). ``serving``:
+    the backend the scheduler runs on, as `decodekit serve` opens it (default: ``backend``)."""
     from decodekit.runtime.scheduler import Scheduler, SchedulerConfig
 
     state = backend.allocate(clients)
     warm = reqs[:clients]
     rows: dict[str, list[dict]] = {"continuous": [], "fixed": []}
-    with Scheduler(backend, SchedulerConfig(slots=clients, max_queue=clients)) as sched:
+    with Scheduler(serving or backend, SchedulerConfig(slots=clients, max_queue=clients)) as sched:
         run_continuous(sched, warm, clients)
         run_fixed(backend, state, warm, clients)
         for r in range(rounds):
@@ -220,21 +221,25 @@ def main() -> None:
     t0 = time.perf_counter()
     artifact = build(args)
     options = {"intra_op_threads": args.threads} if args.device == "cpu" else {}
-    backend = OrtBackend(artifact, device=args.device, **options)
+    backend = OrtBackend(artifact, device=args.device, **options)  # fixed batches: as `decodekit generate` runs
+    # continuous: as `decodekit serve` runs (on CUDA its shared step is not captured: README "Known limits")
+    serving = OrtBackend(artifact, device="cuda", cuda_graph=False) if args.device == "cuda" else backend
     m = backend.manifest
     reqs = workload(args.requests, args.seed, m.config.vocab_size, equal=not m.allows("mixed_lengths"))
     doc = {"model": args.model, "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-           "dtype": m.dtype, "dialect": m.dialect, "cuda_graph": backend.cuda_graph,
+           "dtype": m.dtype, "dialect": m.dialect, "cuda_graph": {"fixed": backend.cuda_graph, "continuous": serving.cuda_graph},
            "requests": args.requests, "rounds": args.rounds, "clients": args.clients,
            "workload": (f"prompt {EQUAL_PROMPT} tokens" if not m.allows("mixed_lengths") else "prompt 8..64 tokens")
            + ", output 8..96 tokens, greedy, no EOS", "levels": {}}
     for c in args.clients:
-        doc["levels"][str(c)] = run_level(backend, reqs, c, args.rounds)
+        doc["levels"][str(c)] = run_level(backend, reqs, c, args.rounds, serving)
         level = doc["levels"][str(c)]
         log(f"{c:3d} clients: continuous/fixed tokens/s {level['continuous_over_fixed']}x, TTFT p50 "
             f"{level['continuous']['ttft_p50_ms']} / {level['fixed']['ttft_p50_ms']} ms, same tokens "
             f"{level['identical_requests']}")
     backend.close()
+    if serving is not backend:
+        serving.close()
     doc["total_s"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(doc, indent=2)
     print(text)

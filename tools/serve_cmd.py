@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (loopback by default)")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
-@click.option("--cuda-graph/--no-cuda-graph", default=None,
-              help="cuda: replay the decode step as a CUDA graph (default: where the dialect allows it)")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0),
               help="requests waiting for a slot; more are answered 429")
 @click.option("--slots", default=None, type=click.IntRange(1), help="cache rows to serve (default: max_batch)")
@@ -36,7 +34,7 @@ if TYPE_CHECKING:
 @click.option("--model-name", default=None, help="the model id clients send (default: the artifact folder's name)")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="onnxruntime intra-op threads (0 = its default)")
-def command(artifact: str, host: str, port: int, device: str, cuda_graph: bool | None, max_queue: int,
+def command(artifact: str, host: str, port: int, device: str, max_queue: int,
             slots: int | None, prefill_chunk: int, max_body_bytes: int, model_name: str | None, threads: int) -> None:
     """Serve ARTIFACT over an OpenAI-compatible HTTP API with continuous batching (Ctrl-C stops)."""
     try:
@@ -45,12 +43,10 @@ def command(artifact: str, host: str, port: int, device: str, cuda_graph: bool |
         import prometheus_client  # noqa: F401
     except ModuleNotFoundError as e:
         raise UserError(f"decodekit serve needs the {e.name} package: pip install 'decodekit[serve]'") from None
-    if cuda_graph is not None and device != "cuda":
-        raise UserError("--cuda-graph / --no-cuda-graph apply to --device cuda only")
     _check_address(host, port)
     server, backend = build_server(artifact, device=device, max_queue=max_queue, slots=slots,
                                    prefill_chunk=prefill_chunk, max_body_bytes=max_body_bytes,
-                                   model_name=model_name, threads=threads, cuda_graph=cuda_graph)
+                                   model_name=model_name, threads=threads)
     try:
         _run(server.app(), host, port)
     finally:
@@ -60,7 +56,7 @@ def command(artifact: str, host: str, port: int, device: str, cuda_graph: bool |
 
 def build_server(artifact: str | Path, device: str = "cpu", max_queue: int = 64, slots: int | None = None,
                  prefill_chunk: int = 256, max_body_bytes: int = 1 << 20, model_name: str | None = None,
-                 threads: int = 0, cuda_graph: bool | None = None) -> tuple["Server", "Backend"]:
+                 threads: int = 0) -> tuple["Server", "Backend"]:
     """The Server (tools/serve_app.py) of an artifact on the ORT backend, and that backend (caller closes both)."""
     import torch
 
@@ -72,7 +68,9 @@ def build_server(artifact: str | Path, device: str = "cpu", max_queue: int = 64,
 
     if device == "cpu":
         torch.set_num_threads(1)  # per-row sampling on [1, V] rows: one thread (see runtime/decode_step.py)
-    options = {"cuda_graph": cuda_graph} if cuda_graph is not None else {}
+    # cuda: the shared step runs uncaptured. Capturing it while side prefills use the same session fails on
+    # onnxruntime-gpu 1.31 (CUDA error 907, an event synchronized inside the capture; README "Known limits")
+    options = {"cuda_graph": False} if device == "cuda" else {}
     backend = open_backend(artifact, "ort", device=device, intra_op_threads=threads, **options)
     try:
         scheduler = Scheduler(backend, SchedulerConfig(max_queue=max_queue, prefill_chunk=prefill_chunk, slots=slots),

@@ -178,7 +178,6 @@ CASES: dict[str, Case] = {
                                                     setup=moved_source),
     "validate --mode judge against transformers": Case("validate {tiny} --backends ort --reference transformers "
                                                        "--mode judge", "use --reference decodekit"),
-    "serve: --no-cuda-graph on the cpu": Case("serve {tiny} --no-cuda-graph", "apply to --device cuda only"),
     # usage errors: click's exit code 2, still one line
     "an unknown option": Case("export preset:tiny -o out --bogus", "No such option", code=2),
     "a bad choice": Case("generate {tiny} --backend onnx --ids 1,2", "Invalid value for '--backend'", code=2),
