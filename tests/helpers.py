@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 # Shared small shapes; each family adds the features it should exercise.
 BASE_SHAPE: dict[str, Any] = dict(
@@ -29,6 +29,11 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "mistral": dict(sliding_window=None, rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "qwen2": dict(tie_word_embeddings=True),  # q/k/v biases are built into Qwen2 attention
     "qwen3": dict(head_dim=32),  # q/k RMSNorm; q_size (128) != hidden_size (64)
+    # fused qkv_proj / gate_up_proj, rotary on half of each head, longrope within original_max_position_embeddings
+    # (short factors: the parity tests run up to 96 positions) with its attention factor (factor 512/128 = 4)
+    "phi3": dict(pad_token_id=0, partial_rotary_factor=0.5, original_max_position_embeddings=128,
+                 rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.25, 1.5, 2.0],
+                               "long_factor": [1.5, 2.0, 4.0, 8.0]}),
 }
 
 _SEEDS = {f: i for i, f in enumerate(FAMILIES)}
@@ -43,6 +48,7 @@ def hf_classes(family: str):
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
     }[family]
 
 

@@ -43,7 +43,7 @@ def models(hf_checkpoint):
         if family not in cache:
             path = hf_checkpoint(family)
             hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-            cache[family] = (load_hf(path), hf)
+            cache[family] = (load_hf(path, rope_positions=MAX_SEQ), hf)  # the RoPE table of a --max-seq 96 export
         return cache[family]
 
     return get
