@@ -5,6 +5,8 @@
   transformers' own classes (the ``hf_checkpoint`` fixture in conftest.py caches one per family).
 - ``greedy_reference(model, prompt_ids, new_tokens, max_seq)``: greedy decoding that drives
   ``decodekit.export.model.Decoder`` directly (prefill, then one-token decode steps).
+- ``transformers_greedy(folder, prompt, new)`` / ``ort_greedy(artifact, prompt, new)``: greedy tokens of
+  transformers' generate() on a checkpoint folder / of decodekit's decode loop on an artifact (ONNX Runtime CPU).
 """
 
 from __future__ import annotations
@@ -131,3 +133,21 @@ def edit_manifest(folder: str | Path, edit) -> dict:
     d[CHECKSUM] = manifest_checksum(d)
     path.write_text(json.dumps(d, indent=2))
     return d
+
+
+def transformers_greedy(folder: Path, prompt: list[int], new: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def ort_greedy(artifact: Path, prompt: list[int], new: int) -> list[int]:
+    from decodekit.runtime.generate import generate_ids
+    from decodekit.runtime.pipeline import open_backend
+
+    with open_backend(artifact, "ort") as backend:
+        return generate_ids(backend, [prompt], new, eos_ids=())[0]
