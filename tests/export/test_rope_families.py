@@ -152,6 +152,10 @@ def test_static_table_beyond_the_switch_length(hf_checkpoint, one_thread, tmp_pa
         ours, ref = ort_logits(tmp_path / "a", ids[:n], []), transformers_logits(src, ids[:n])
         err = float(np.abs(ours - ref).max()) / float(np.abs(ref).max())
         assert (err <= RTOL) == (n in exact), f"{n} positions: relative error {err:.2e}"
+    from decodekit.tools.validate import validate
+
+    report = validate(tmp_path / "a", ["ort"], steps=2, reference="transformers")  # short prompts: they differ
+    assert not report.passed and any(n.startswith("RoPE ") for n in report.notes), report.notes
 
 
 TRT_CASES = ["phi3-longrope-long", "phi4-mini-partial", "llama-yarn", "llama-dynamic"]
