@@ -62,6 +62,7 @@ def build_decodekit(hf: Path, work: Path, max_seq: int) -> tuple[Path, float]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-156m")
+    ap.add_argument("--hf", help="a Hugging Face folder to use instead of --model's random Llama (e.g. phi3_cpu_decode.py's)")
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    hf = make_hf(a.model, work, "fp32", "cpu")
+    hf = Path(a.hf) if a.hf else make_hf(a.model, work, "fp32", "cpu")
     art, dk_s = build_decodekit(hf, work, a.prompt_len + a.steps + 32)
     genai, genai_s = build_genai(hf, work, "fp32", "cpu")
     log(f"decodekit export+optimize {dk_s:.0f} s, genai builder {genai_s:.0f} s")
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             rounds[s].append(statistics.median(times[8:]))
             log(f"round {k} {s}: {rounds[s][-1]:.2f} ms/token")
     ratios = {s: statistics.median(o / d for o, d in zip(rounds[s], rounds["decodekit"])) for s in systems}
-    doc = {"model": a.model, "threads": a.threads, "steps": a.steps, "prompt_len": a.prompt_len,
+    doc = {"model": a.hf or a.model, "threads": a.threads, "steps": a.steps, "prompt_len": a.prompt_len,
            "decodekit_build_s": dk_s, "genai_build_s": genai_s,
            "systems": {s: {"ms_per_token": statistics.median(v), "rounds": v,
                            "speedup_of_decodekit": ratios[s],

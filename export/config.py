@@ -24,8 +24,8 @@ class RopeScaling:
 
     kind: default | linear | dynamic | llama3 | yarn | longrope; the tables are computed by export/rope.py.
     factor None (longrope: absent) means max_position_embeddings / original_max_position_embeddings, as in
-    transformers; attention_factor None: the kind's own default (yarn: from factor / mscale / mscale_all_dim; longrope: from
-    factor and original_max_position_embeddings); beta_fast / beta_slow None: 32 / 1 (yarn).
+    transformers; attention_factor None: the kind's own default (yarn: from factor / mscale / mscale_all_dim;
+    longrope: from factor and original_max_position_embeddings); beta_fast / beta_slow None: 32 / 1 (yarn).
     """
 
     kind: str = "default"
@@ -38,7 +38,7 @@ class RopeScaling:
     beta_slow: float | None = None  # yarn
     mscale: float | None = None  # yarn
     mscale_all_dim: float | None = None  # yarn
-    truncate: bool = True  # yarn: floor/ceil the correction range
+    truncate: bool | None = True  # yarn: floor/ceil the correction range (None, as transformers reads it: no)
     short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors up to original_max_position_embeddings
     long_factor: tuple[float, ...] = ()  # longrope: beyond it
 
