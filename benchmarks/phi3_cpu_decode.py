@@ -10,7 +10,7 @@ transformers' length-switched ones are the short factors alike, so the three gre
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import cpu_decode
@@ -44,8 +44,9 @@ def make_phi3(work: Path) -> Path:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    work = Path(args[args.index("--work") + 1]) if "--work" in args else Path("/tmp/decodekit-phi3-cpu-decode")
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--work", default="/tmp/decodekit-phi3-cpu-decode")
+    known, rest = ap.parse_known_args()
+    work = Path(known.work)
     work.mkdir(parents=True, exist_ok=True)
-    cpu_decode.main([*args, "--hf", str(make_phi3(work)), "--work", str(work)] if "--work" not in args
-                    else [*args, "--hf", str(make_phi3(work))])
+    cpu_decode.main([*rest, "--work", str(work), "--hf", str(make_phi3(work))])
