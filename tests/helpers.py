@@ -32,8 +32,8 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "qwen2": dict(tie_word_embeddings=True),  # q/k/v biases are built into Qwen2 attention
     "qwen3": dict(head_dim=32),  # q/k RMSNorm; q_size (128) != hidden_size (64)
     # fused qkv_proj / gate_up_proj, rotary on half of each head, longrope within original_max_position_embeddings
-    # (short factors: the parity tests run up to 96 positions) with its attention factor (factor 512/128 = 4)
-    "phi3": dict(pad_token_id=0, partial_rotary_factor=0.5, original_max_position_embeddings=128,
+    # (short factors: the tests export at most 192 positions) with its attention factor (factor 512/256 = 2)
+    "phi3": dict(pad_token_id=0, partial_rotary_factor=0.5, original_max_position_embeddings=256,
                  rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.25, 1.5, 2.0],
                                "long_factor": [1.5, 2.0, 4.0, 8.0]}),
 }

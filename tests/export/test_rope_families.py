@@ -35,7 +35,7 @@ def _longrope(n: int) -> dict[str, Any]:
 
 # id -> (family, transformers config overrides, prompt); every case is exported at --max-seq 96
 CASES: dict[str, tuple[str, dict[str, Any], list[int]]] = {
-    # Phi-3.5-mini style: whole-head rotary, longrope; 96 <= original 128: short factors (attention factor of 512/128)
+    # Phi-3.5-mini style: whole-head rotary, longrope; 96 <= original 256: short factors (attention factor of 512/256)
     "phi3-longrope-short": ("phi3", {"partial_rotary_factor": 1.0, "rope_scaling": _longrope(8)}, PROMPT),
     # 96 > original 16: long factors; exact because every step reaches beyond position 16 (a 20-token prompt)
     "phi3-longrope-long": ("phi3", {"partial_rotary_factor": 1.0, "rope_scaling": _longrope(8),

@@ -74,13 +74,13 @@ def test_tables_equal_transformers_forward(family, overrides, positions):
 
 def test_attention_factor_and_regime_are_data():
     """yarn / longrope carry their cos/sin scaling in the tables; the long regime is picked by the served length."""
-    longrope = account(hf_config("phi3").to_dict()).config  # factor 512 / 128 = 4: attention factor > 1
+    longrope = account(hf_config("phi3").to_dict()).config  # factor 512 / 256 = 2: attention factor > 1
     assert longrope.rope_scaling.kind == "longrope" and longrope.rotary_dim == 8
     cos, _ = cos_sin_tables(longrope, 96)
-    assert cos[0].max().item() > 1.1  # cos(0) * attention factor sqrt(1 + ln 4 / ln 128)
-    assert static_table_note(longrope, 128) is None
-    note = static_table_note(longrope, 129)
-    assert note is not None and "long_factor" in note and "--max-seq 128 or less" in note
+    assert cos[0].max().item() > 1.06  # cos(0) * attention factor sqrt(1 + ln 2 / ln 256)
+    assert static_table_note(longrope, 256) is None
+    note = static_table_note(longrope, 257)
+    assert note is not None and "long_factor" in note and "--max-seq 256 or less" in note
     dynamic = account(hf_config("llama", max_position_embeddings=64,
                                 rope_scaling={"rope_type": "dynamic", "factor": 2.0}).to_dict()).config
     assert static_table_note(dynamic, 64) is None and "NTK-scaled for 96 positions" in static_table_note(dynamic, 96)
@@ -93,7 +93,7 @@ def test_phi3_fields_read_as_transformers_config_reads_them():
     hf = hf_config("phi3").to_dict()
     params = {**hf["rope_parameters"], "original_max_position_embeddings": 999}
     config = account({**hf, "rope_parameters": params}).config
-    assert config.rope_scaling.original_max_position_embeddings == hf["original_max_position_embeddings"] == 128
+    assert config.rope_scaling.original_max_position_embeddings == hf["original_max_position_embeddings"] == 256
     params = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}
     config = account({**hf, "rope_parameters": params, "partial_rotary_factor": 0.75}).config
     assert config.partial_rotary_factor == 0.25 and config.rotary_dim == 4
