@@ -25,6 +25,7 @@ from harness import Checkpoint, bar_plot, compare_tokens, log, random_prompts, r
 def main(argv: list[str] | None = None) -> None:
     ap = study_parser(__doc__, "/tmp/decodekit-cpu-decode", "decodekit,decodekit-1thread,genai,transformers")
     ap.add_argument("--model", default="llama-156m", help="a preset name: the checkpoint's shape")
+    ap.add_argument("--hf", help="a Hugging Face folder to use instead of --model's random one (phi3_cpu_decode.py's)")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads of the torch systems (0: default)")
     ap.add_argument("--roofline", action="store_true", help="measure the read bandwidth before every round")
@@ -34,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     systems = systems_option(a.systems)
-    ck = Checkpoint.make(a.model, Path(a.work), a.dtype, "cpu", a.prompt_len + a.steps + 32, 1)
+    max_seq = a.prompt_len + a.steps + 32
+    ck = (Checkpoint(Path(a.hf), a.dtype, "cpu", Path(a.work), max_seq, 1) if a.hf
+          else Checkpoint.make(a.model, Path(a.work), a.dtype, "cpu", max_seq, 1))
     prompts = random_prompts(1, a.prompt_len, ck.config.vocab_size)
     bandwidth: list[float] = []
     out = run_systems(systems, ck, prompts, a.steps, a.rounds,

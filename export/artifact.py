@@ -26,6 +26,7 @@ from .gguf_tokenizer import write_gguf_tokenizer
 from .folders import EXTERNAL_DATA_THRESHOLD, atomic_folder
 from .manifest import STD_CAPABILITIES, Manifest, RankEntry, TensorSpec, file_entry, write_manifest
 from .onnx_writer import OnnxWriter
+from .rope import static_table_note
 from .ops import ONNX_OPSET
 from .sharding import check_tp
 from .tokenizer import copy_tokenizer, write_tiny_tokenizer
@@ -65,6 +66,8 @@ def export_artifact(source: str, out: str | Path, options: ExportOptions = Expor
     config = source_config(source)
     check_tp(config, options.tp)
     config.check_max_seq(options.max_seq)
+    if (note := static_table_note(config, options.max_seq)) is not None:
+        progress(note)
     fields = source_accounting(source)
     if fields is not None and (fields.ignored or fields.unknown):
         progress(f"config.json fields ignored (no effect on inference math): {', '.join(fields.ignored) or 'none'}; "

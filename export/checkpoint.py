@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -10,7 +11,7 @@ import torch
 
 from ..dtypes import precision
 from ..errors import CheckpointError  # noqa: F401 - re-exported
-from .config import Accounting, ModelConfig, account, load_hf_config, preset, read_hf_config
+from .config import FAMILIES, Accounting, ConfigError, ModelConfig, account, load_hf_config, preset, read_hf_config
 from .gguf import gguf_accounting, gguf_config, is_gguf, load_gguf
 from .model import Decoder
 
@@ -22,11 +23,12 @@ def hf_name_map(config: ModelConfig) -> dict[str, str]:
              "model.norm.weight": f"layers.{L - 1}.ffn_norm.weight"}
     if not config.tie_word_embeddings:
         names["lm_head.weight"] = "lm_head.weight"
-    attn = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"]
+    fused = FAMILIES[config.family].fused_projections  # those tensors are in fused_tensors instead
+    attn = ["o_proj.weight"] + ([] if fused else ["q_proj.weight", "k_proj.weight", "v_proj.weight"])
     attn += ["q_proj.bias", "k_proj.bias", "v_proj.bias"] if config.attention_bias else []
     attn += ["q_norm.weight", "k_norm.weight"] if config.qk_norm else []
     kinds = ("weight", "bias") if config.mlp_bias else ("weight",)
-    mlp = [f"{n}.{k}" for n in ("gate_proj", "up_proj") for k in kinds]
+    mlp = [] if fused else [f"{n}.{k}" for n in ("gate_proj", "up_proj") for k in kinds]
     for i in range(L):
         hf, me = f"model.layers.{i}", f"layers.{i}"
         names.update({f"{hf}.self_attn.{n}": f"{me}.attn.{n}" for n in attn})
@@ -40,6 +42,44 @@ def hf_name_map(config: ModelConfig) -> dict[str, str]:
         if i + 1 < L:
             names[f"model.layers.{i + 1}.input_layernorm.weight"] = f"{me}.ffn_norm.weight"
     return names
+
+
+@dataclass(frozen=True)
+class FusedTensor:
+    """A Hugging Face tensor holding several decodekit parameters stacked along its rows (dim 0), in order."""
+
+    parts: tuple[tuple[str, int], ...]  # (decodekit parameter, rows)
+
+    @property
+    def rows(self) -> int:
+        return sum(n for _, n in self.parts)
+
+    def rows_of(self, param: str) -> slice:
+        start = 0
+        for name, n in self.parts:
+            if name == param:
+                return slice(start, start + n)
+            start += n
+        raise KeyError(param)
+
+
+def fused_tensors(config: ModelConfig) -> dict[str, FusedTensor]:
+    """Hugging Face name -> FusedTensor, for families that store q/k/v and gate/up fused (Phi-3: qkv_proj holds
+    q, k, v rows; gate_up_proj holds gate then up rows, as its MLP's chunk(2) reads them)."""
+    if not FAMILIES[config.family].fused_projections:
+        return {}
+    if config.attention_bias or config.mlp_bias:
+        raise ConfigError(f"{config.family}: biases on fused q/k/v or gate/up projections are not supported")
+    c = config
+    fused = {}
+    for i in range(c.num_layers):
+        hf, me = f"model.layers.{i}", f"layers.{i}"
+        fused[f"{hf}.self_attn.qkv_proj.weight"] = FusedTensor(
+            ((f"{me}.attn.q_proj.weight", c.q_size), (f"{me}.attn.k_proj.weight", c.kv_size),
+             (f"{me}.attn.v_proj.weight", c.kv_size)))
+        fused[f"{hf}.mlp.gate_up_proj.weight"] = FusedTensor(
+            ((f"{me}.ffn.gate_proj.weight", c.intermediate_size), (f"{me}.ffn.up_proj.weight", c.intermediate_size)))
+    return fused
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -56,37 +96,18 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 
 def load_hf(folder: str | Path, dtype: str = "fp32", rope_positions: int | None = None) -> Decoder:
-    """Load a Llama / Mistral / Qwen2 / Qwen3 Hugging Face folder into a Decoder."""
-    from safetensors import safe_open
+    """Load a Hugging Face folder of a supported family into a Decoder (through the exporter's tensor reader)."""
+    from .weights import SafetensorsWeights
 
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder; pass a Hugging Face model folder or preset:NAME")
     config = load_hf_config(folder)
+    source = SafetensorsWeights(folder, config, dtype)
     model = _empty(config, dtype, rope_positions)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    expected = hf_name_map(config)
-    seen: set[str] = set()
-    extra: list[str] = []
     with torch.no_grad():
-        for path in _safetensors_files(folder):
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    if name not in expected:
-                        if not (config.tie_word_embeddings and name == "lm_head.weight"):
-                            extra.append(name)
-                        continue
-                    t = f.get_tensor(name)
-                    p = params[expected[name]]
-                    if tuple(t.shape) != tuple(p.shape):
-                        raise CheckpointError(f"{name}: expected shape {tuple(p.shape)} from config.json, found {tuple(t.shape)}")
-                    p.copy_(t)
-                    seen.add(name)
-    missing = sorted(set(expected) - seen)
-    if missing or extra:
-        parts = ([f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})"] if missing else []) + \
-                ([f"unexpected {len(extra)} tensors (e.g. {', '.join(sorted(extra)[:3])})"] if extra else [])
-        raise CheckpointError(f"{folder}: not a {config.family} checkpoint matching its config.json: " + "; ".join(parts))
+        for name, p in model.named_parameters():
+            p.copy_(source.get(name))
     return model.eval()
 
 

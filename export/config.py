@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import config_fields as cf
+from . import config_phi3 as phi3
 
 
 from ..errors import ConfigError  # noqa: F401 - re-exported (the home of every user error is errors.py)
@@ -19,17 +20,33 @@ from ..errors import ConfigError  # noqa: F401 - re-exported (the home of every 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. kind: default | linear | llama3."""
+    """RoPE frequency scaling: transformers' rope_type and the parameters it reads (export/rope_fields.ROPE_TYPES).
+
+    kind: default | linear | dynamic | llama3 | yarn | longrope; the tables are computed by export/rope.py.
+    factor None (longrope: absent) means max_position_embeddings / original_max_position_embeddings, as in
+    transformers; attention_factor None: the kind's own default (yarn: from factor / mscale / mscale_all_dim;
+    longrope: from factor and original_max_position_embeddings); beta_fast / beta_slow None: 32 / 1 (yarn).
+    """
 
     kind: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    factor: float | None = None  # linear, dynamic, llama3, yarn, longrope
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int = 8192  # llama3, yarn, longrope
+    attention_factor: float | None = None  # yarn, longrope: cos and sin are multiplied by it
+    beta_fast: float | None = None  # yarn
+    beta_slow: float | None = None  # yarn
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool | None = True  # yarn: floor/ceil the correction range (None, as transformers reads it: no)
+    short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors up to original_max_position_embeddings
+    long_factor: tuple[float, ...] = ()  # longrope: beyond it
 
     def __post_init__(self) -> None:
         if self.kind not in ROPE_KINDS:
             raise ConfigError(f"unsupported RoPE scaling {self.kind!r}; supported: {', '.join(ROPE_KINDS)}")
+        object.__setattr__(self, "short_factor", tuple(self.short_factor))  # lists from a manifest's JSON
+        object.__setattr__(self, "long_factor", tuple(self.long_factor))
 
 
 ROPE_KINDS = tuple(cf.ROPE_TYPES)
@@ -41,7 +58,8 @@ class Family:
     """What distinguishes one Hugging Face decoder family from another.
 
     fields: every config.json field the family understands (``config_fields``); attention_bias / qk_norm:
-    what the family's architecture always has, whatever its config.json says.
+    what the family's architecture always has, whatever its config.json says; fused_projections: its checkpoints
+    store q/k/v as one self_attn.qkv_proj and gate/up as one mlp.gate_up_proj (split at load).
     """
 
     name: str
@@ -49,6 +67,7 @@ class Family:
     fields: tuple[cf.Rule, ...]
     attention_bias: bool = False
     qk_norm: bool = False
+    fused_projections: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -58,6 +77,7 @@ FAMILIES: dict[str, Family] = {
         Family("mistral", ("MistralForCausalLM",), cf.MISTRAL),
         Family("qwen2", ("Qwen2ForCausalLM",), cf.QWEN2, attention_bias=True),
         Family("qwen3", ("Qwen3ForCausalLM",), cf.QWEN3, qk_norm=True),
+        Family("phi3", ("Phi3ForCausalLM",), phi3.PHI3, fused_projections=True),
     )
 }
 
@@ -77,6 +97,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    partial_rotary_factor: float = 1.0  # rotary embedding on the first int(head_dim * this) dims of each head
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections
@@ -97,6 +118,17 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even for rotary embedding, got {self.head_dim}")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        self._check_rotary()
+
+    def _check_rotary(self) -> None:
+        r, s = self.rotary_dim, self.rope_scaling
+        if r < 2 or r % 2:
+            raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor} gives a rotary dimension of {r} "
+                              f"(head_dim {self.head_dim}); it must be a positive even number")
+        for name in ("short_factor", "long_factor") if s.kind == "longrope" else ():
+            if len(getattr(s, name)) != r // 2:
+                raise ConfigError(f"config.json field rope_parameters.{name} has {len(getattr(s, name))} values; "
+                                  f"the rotary dimension {r} needs {r // 2}")
 
     def check_max_seq(self, max_seq: int) -> None:
         """Refuse a cache length this config's attention would not compute exactly."""
@@ -104,9 +136,15 @@ class ModelConfig:
             raise ConfigError(f"sliding_window={self.sliding_window} is smaller than --max-seq {max_seq}: decodekit "
                               f"computes full attention, which equals sliding-window attention only while every "
                               f"sequence fits the window; re-export with --max-seq {self.sliding_window} or less")
-        if max_seq > self.max_position_embeddings:
+        beyond = cf.ROPE_TYPES[self.rope_scaling.kind].beyond_max_positions  # dynamic NTK: the table of max_seq
+        if max_seq > self.max_position_embeddings and not beyond:
             raise ConfigError(f"--max-seq {max_seq} exceeds the model's max_position_embeddings "
                               f"{self.max_position_embeddings}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dimensions of each head the rotary embedding rotates (transformers' int(...))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def q_size(self) -> int:

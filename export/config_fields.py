@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from .rope_fields import ROPE_TYPES, read_rope  # noqa: F401 - re-exported: RoPE fields live in rope_fields.py
+
 
 def describe(value: Any) -> str:
     return repr(value) if not isinstance(value, (list, dict)) or len(repr(value)) <= 60 else repr(value)[:57] + "..."
@@ -166,39 +168,6 @@ HIDDEN_ACT: dict[str, str] = {
 
 Read = tuple[dict[str, Any], "str | None"]
 
-# rope_type -> the keys of its parameters decodekit reads (besides rope_type / type / rope_theta)
-ROPE_TYPES: dict[str, tuple[str, ...]] = {
-    "default": (),
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-}
-_ROPE_BOOKKEEPING = ("rope_type", "type", "rope_theta")
-
-
-def read_rope(hf: Mapping[str, Any]) -> Read:
-    """transformers >= 5 writes rope_parameters; older versions rope_theta + rope_scaling."""
-    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    params = hf.get(key) or {}
-    if not isinstance(params, Mapping):
-        return {}, f"config.json field {key}={describe(params)} is not a mapping"
-    kind = params.get("rope_type", params.get("type", "default")) or "default"
-    if kind not in ROPE_TYPES:
-        return {}, (f"config.json field {key}.rope_type={kind!r} is not supported; "
-                    f"supported: {', '.join(map(repr, ROPE_TYPES))}")
-    extra = sorted(set(params) - set(ROPE_TYPES[kind]) - set(_ROPE_BOOKKEEPING))
-    extra = [k for k in extra if params[k] is not None]
-    if extra:
-        return {}, (f"config.json field {key}.{extra[0]}={describe(params[extra[0]])} is not supported with "
-                    f"rope_type {kind!r}; supported keys: {', '.join(ROPE_TYPES[kind] + _ROPE_BOOKKEEPING)}")
-    missing = [k for k in ROPE_TYPES[kind] if params.get(k) is None]
-    if missing:
-        return {}, f"config.json field {key} (rope_type {kind!r}) lacks {', '.join(missing)}"
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    scaling = {"kind": kind, **{k: (int if k == "original_max_position_embeddings" else float)(params[k])
-                                for k in ROPE_TYPES[kind]}}
-    return {"rope_theta": theta, "rope_scaling": scaling}, None
-
-
 def read_heads(hf: Mapping[str, Any]) -> Read:
     try:
         heads = int(hf["num_attention_heads"])
@@ -266,6 +235,9 @@ def _window(value: Any, key: str) -> Read:
 
 # ------------------------------------------------------------------------------------------------ family tables
 
+ROPE = Derived(("rope_parameters", "rope_scaling", "rope_theta"), read_rope)
+NO_PARTIAL_ROTARY = Refused("partial_rotary_factor", (1, 1.0), "rotary embedding on part of each head")
+
 COMMON: tuple[Rule, ...] = (
     Copy("vocab_size", "vocab_size"),
     Copy("hidden_size", "hidden_size"),
@@ -276,9 +248,9 @@ COMMON: tuple[Rule, ...] = (
     Copy("max_position_embeddings", "max_position_embeddings", int, 4096),
     Copy("tie_word_embeddings", "tie_word_embeddings", bool, False),
     Choice("hidden_act", "hidden_act", HIDDEN_ACT, "silu"),
-    Derived(("rope_parameters", "rope_scaling", "rope_theta"), read_rope),
+    ROPE,
     Derived(("bos_token_id", "eos_token_id"), read_special_tokens),
-    Refused("partial_rotary_factor", (1, 1.0), "rotary embedding on part of each head"),
+    NO_PARTIAL_ROTARY,
     Refused("quantization_config", (), "pre-quantized weights; export the unquantized checkpoint"),
     Ignored(("architectures", "model_type"), "used to pick the family"),
     Ignored(("transformers_version", "_name_or_path", "torch_dtype", "dtype", "auto_map", "id2label", "label2id",

@@ -30,16 +30,19 @@ def rms_norm(x_BSH: torch.Tensor, weight_H: torch.Tensor, eps: float) -> torch.T
     return weight_H * xf.to(x_BSH.dtype)
 
 
-def rotary(x_BHSD: torch.Tensor, cos_PD2: torch.Tensor, sin_PD2: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
-    """Non-interleaved (rotate-half) rotary embedding at explicit positions."""
+def rotary(x_BHSD: torch.Tensor, cos_PR2: torch.Tensor, sin_PR2: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved (rotate-half) rotary embedding at explicit positions, on the first R = 2 * cos_PR2.shape[-1]
+    dimensions of each head (R < D: partial rotary; the other D - R dimensions pass through)."""
+    R, D = 2 * cos_PR2.shape[-1], x_BHSD.shape[-1]
     if exporting():
         return torch.onnx.ops.symbolic(
-            "RotaryEmbedding", [x_BHSD, cos_PD2, sin_PD2, pos_BS], {"interleaved": 0},
+            "RotaryEmbedding", [x_BHSD, cos_PR2, sin_PR2, pos_BS],
+            {"interleaved": 0, **({"rotary_embedding_dim": R} if R < D else {})},
             dtype=x_BHSD.dtype, shape=x_BHSD.shape, version=23)
-    cos = cos_PD2[pos_BS].unsqueeze(1)  # B,1,S,D/2
-    sin = sin_PD2[pos_BS].unsqueeze(1)
-    x1, x2 = x_BHSD.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    cos = cos_PR2[pos_BS].unsqueeze(1)  # B,1,S,R/2
+    sin = sin_PR2[pos_BS].unsqueeze(1)
+    x1, x2 = x_BHSD[..., :R].float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x_BHSD[..., R:].float()), dim=-1)
     return out.to(x_BHSD.dtype)
 
 

@@ -29,7 +29,7 @@ import onnx_ir as ir
 import torch
 
 from ..dtypes import DTYPES, from_safetensors, precision
-from .checkpoint import CheckpointError, _empty, _safetensors_files, hf_name_map, random_parameters
+from .checkpoint import CheckpointError, _empty, _safetensors_files, fused_tensors, hf_name_map, random_parameters
 from .config import ModelConfig
 from .model import Decoder, DecoderLayer
 from .sharding import shard
@@ -160,22 +160,29 @@ class PresetWeights:
 
 class SafetensorsWeights:
     """A Hugging Face folder read tensor by tensor with plain reads (no memory map: the pages of a mapped
-    checkpoint would count in the exporter's resident memory until the end), converted to the export dtype."""
+    checkpoint would count in the exporter's resident memory until the end), converted to the export dtype.
+
+    A fused tensor (Phi-3's qkv_proj, gate_up_proj: checkpoint.fused_tensors) is read once and its rows handed out
+    as the parameters it holds (the last one read is kept until another is asked for)."""
 
     def __init__(self, folder: Path, config: ModelConfig, dtype: str) -> None:
         self.dtype = precision(dtype).torch
         with torch.device("meta"):
             self.shapes = {n: tuple(p.shape) for n, p in Decoder(config).named_parameters()}
-        expected = hf_name_map(config)
+        expected, self.fused = hf_name_map(config), fused_tensors(config)
         self.where: dict[str, tuple[Path, str, dict]] = {}
+        self._last: tuple[str, torch.Tensor] | None = None
         extra = []
         for path in _safetensors_files(folder):
             for hf, entry in _safetensors_header(path).items():
                 if hf in expected:
                     self.where[expected[hf]] = (path, hf, entry)
+                elif hf in self.fused:
+                    self.where.update({param: (path, hf, entry) for param, _ in self.fused[hf].parts})
                 elif not (config.tie_word_embeddings and hf == "lm_head.weight"):
                     extra.append(hf)
-        missing = sorted(hf for hf, me in expected.items() if me not in self.where)
+        wanted = [(hf, me) for hf, me in expected.items()] + [(hf, f.parts[0][0]) for hf, f in self.fused.items()]
+        missing = sorted(hf for hf, me in wanted if me not in self.where)
         if missing or extra:
             parts = ([f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})"] if missing else []) + \
                     ([f"unexpected {len(extra)} tensors (e.g. {', '.join(sorted(extra)[:3])})"] if extra else [])
@@ -184,9 +191,18 @@ class SafetensorsWeights:
 
     def get(self, param: str) -> torch.Tensor:
         path, hf, entry = self.where[param]
+        fused = self.fused.get(hf)
+        if fused is None:
+            return self._read(path, hf, entry, self.shapes[param])
+        if self._last is None or self._last[0] != hf:
+            self._last = None  # free the previous fused tensor before reading the next one
+            self._last = hf, self._read(path, hf, entry, (fused.rows, *self.shapes[param][1:]))
+        return self._last[1][fused.rows_of(param)].clone()
+
+    def _read(self, path: Path, hf: str, entry: dict, want: tuple[int, ...]) -> torch.Tensor:
         shape = tuple(entry["shape"])
-        if shape != self.shapes[param]:
-            raise CheckpointError(f"{hf}: expected shape {self.shapes[param]} from config.json, found {shape}")
+        if shape != want:
+            raise CheckpointError(f"{hf}: expected shape {want} from config.json, found {shape}")
         start, end = entry["data_offsets"]
         raw = torch.empty(end - start, dtype=torch.uint8)
         with open(path, "rb") as f:

@@ -5,6 +5,8 @@
   transformers' own classes (the ``hf_checkpoint`` fixture in conftest.py caches one per family).
 - ``greedy_reference(model, prompt_ids, new_tokens, max_seq)``: greedy decoding that drives
   ``decodekit.export.model.Decoder`` directly (prefill, then one-token decode steps).
+- ``transformers_greedy(folder, prompt, new)`` / ``ort_greedy(artifact, prompt, new)``: greedy tokens of
+  transformers' generate() on a checkpoint folder / of decodekit's decode loop on an artifact (ONNX Runtime CPU).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 # Shared small shapes; each family adds the features it should exercise.
 BASE_SHAPE: dict[str, Any] = dict(
@@ -29,6 +31,11 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "mistral": dict(sliding_window=None, rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "qwen2": dict(tie_word_embeddings=True),  # q/k/v biases are built into Qwen2 attention
     "qwen3": dict(head_dim=32),  # q/k RMSNorm; q_size (128) != hidden_size (64)
+    # fused qkv_proj / gate_up_proj, rotary on half of each head, longrope within original_max_position_embeddings
+    # (short factors: the tests export at most 192 positions) with its attention factor (factor 512/256 = 2)
+    "phi3": dict(pad_token_id=0, partial_rotary_factor=0.5, original_max_position_embeddings=256,
+                 rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.25, 1.5, 2.0],
+                               "long_factor": [1.5, 2.0, 4.0, 8.0]}),
 }
 
 _SEEDS = {f: i for i, f in enumerate(FAMILIES)}
@@ -43,6 +50,7 @@ def hf_classes(family: str):
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
     }[family]
 
 
@@ -125,3 +133,21 @@ def edit_manifest(folder: str | Path, edit) -> dict:
     d[CHECKSUM] = manifest_checksum(d)
     path.write_text(json.dumps(d, indent=2))
     return d
+
+
+def transformers_greedy(folder: Path, prompt: list[int], new: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def ort_greedy(artifact: Path, prompt: list[int], new: int) -> list[int]:
+    from decodekit.runtime.generate import generate_ids
+    from decodekit.runtime.pipeline import open_backend
+
+    with open_backend(artifact, "ort") as backend:
+        return generate_ids(backend, [prompt], new, eos_ids=())[0]

@@ -425,6 +425,10 @@ def validate(artifact: str | Path, backends: Sequence[str | BackendSpec] = ("tor
             saved = str(save_run_results(save_results, rows, reference_tokens))
     notes = [f"reference: {reference}'s model of {reference_source or manifest.source} (fp32); not bisected (the "
              f"reference has no per-layer taps: bisect with --reference decodekit)"] if reference != "decodekit" else []
+    if reference != "decodekit":
+        from ..export.rope import static_table_note
+
+        notes += [n for n in [static_table_note(manifest.config, manifest.max_seq)] if n]  # why it may differ
     return ValidationReport(str(artifact), manifest.dtype, ref.label, [s.label for s in specs], prompts, steps,
                             reference_tokens, comparisons, time.perf_counter() - started, saved, notes, mode)
 

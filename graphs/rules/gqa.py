@@ -17,6 +17,11 @@ Replaced by (3-D q/k/v, the past buffers, and per-step scalars computed from the
 With ``fuse_rotary=False`` the rotation is a separate com.microsoft RotaryEmbedding on the 3-D q/k (with the
 contract's position_ids) and GQA runs with do_rotary=0.
 
+Partial rotary (RotaryEmbedding's rotary_embedding_dim R < D, cos/sin [positions, R/2]): GQA rotates the first
+2 * cos_cache.shape[1] dimensions itself when that half-width is a multiple of 8 (onnxruntime 1.32 refuses other
+widths at run time); otherwise the rotation stays a separate com.microsoft RotaryEmbedding (rotary_embedding_dim=R).
+RoPE scaling is data: the cos/sin tables (attention factor included) go to GQA unchanged.
+
 When q, k and v are the three outputs of one Split of a fused projection (graphs/passes/fuse_projections.py),
 GQA reads the packed [B, S, (H + 2K) * D] tensor as its query and gets no key/value inputs: no Split kernel.
 """
@@ -28,6 +33,7 @@ import math
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, pattern
 
+from .rotary import rotary_dim
 from .util import attr, const_equals, dims, fail, ints, static
 
 MS = "com.microsoft"
@@ -62,12 +68,13 @@ class LowerAttentionToGqa(RewriteRuleClassBase):
             return fail(f"{H} query heads are not a multiple of {K} kv heads", q_bshd)
         if D % 16:
             return fail(f"head_dim {D}: ORT GroupQueryAttention requires a multiple of 16", q_bshd)
+        R = rotary_dim(q_rot.producer(), q_bshd)
         for rot in (q_rot, k_rot):
             n = rot.producer()
-            if attr(n, "interleaved", 0) or attr(n, "rotary_embedding_dim", 0) not in (0, D):
-                return fail("interleaved or partial rotary", n)
-        if static(cos, 1) != D // 2 or (static(cos, 0) or 0) < T:
-            return fail(f"cos/sin caches are not [>= {T}, {D // 2}]", cos)
+            if attr(n, "interleaved", 0) or rotary_dim(n, q_bshd) != R or R is None or R % 2 or R > D:
+                return fail("interleaved rotary, or q and k rotate different or invalid dimensions", n)
+        if static(cos, 1) != R // 2 or (static(cos, 0) or 0) < T:
+            return fail(f"cos/sin caches are not [>= {T}, {R // 2}]", cos)
         for tsc in (present_k.producer(), present_v.producer()):
             if attr(tsc, "axis", -2) not in (-2, 2) or attr(tsc, "mode", "linear") != "linear":
                 return fail("cache update is not a linear write along the sequence axis", tsc)
@@ -76,10 +83,12 @@ class LowerAttentionToGqa(RewriteRuleClassBase):
             return fail("attention is causal-by-attribute, soft-capped or has extra outputs", node)
         return _check_causal_position_mask(mask, pos, T)
 
-    def rewrite(self, op, q_bshd, k_bshd, v_bshd, cos, sin, pos, past_k, past_v, write, nonpad, attn, **_):
+    def rewrite(self, op, q_bshd, k_bshd, v_bshd, cos, sin, pos, past_k, past_v, write, nonpad, attn, q_rot, **_):
         H, K, D = static(q_bshd, 2), static(past_k, 1), static(q_bshd, 3)
+        R = rotary_dim(q_rot.producer(), q_bshd)
+        fuse_rotary = self.fuse_rotary and (R == D or (R // 2) % 8 == 0)
         q3, k3, v3 = (_flatten_heads(op, t) for t in (q_bshd, k_bshd, v_bshd))
-        packed = _packed_qkv(q3, k3, v3) if self.fuse_rotary else None
+        packed = _packed_qkv(q3, k3, v3) if fuse_rotary else None
         seq_1 = op.Shape(pos, start=1, end=2)  # S, from an input every layer shares (CSE merges these)
         seqlens_k = op.Cast(op.Sub(nonpad, ints(op, [1])), to=INT32)
         if self.static_total:
@@ -87,10 +96,13 @@ class LowerAttentionToGqa(RewriteRuleClassBase):
         else:
             total = op.Cast(op.ReduceMax(op.Concat(nonpad, seq_1, axis=0), keepdims=0), to=INT32)
         query_lens = op.Cast(op.Min(op.Sub(nonpad, write), seq_1), to=INT32)
-        if self.fuse_rotary:
+        if fuse_rotary:
             caches, rotary = (cos, sin), {"do_rotary": 1, "rotary_interleaved": 0}
         else:
-            q3, k3 = (op.RotaryEmbedding(t, pos, cos, sin, interleaved=0, _domain=MS) for t in (q3, k3))
+            partial = {"rotary_embedding_dim": R} if R < D else {}
+            q3, k3 = (op.RotaryEmbedding(t, pos, cos, sin, interleaved=0, _domain=MS,
+                                         **(partial and {**partial, "num_heads": heads}))
+                      for t, heads in ((q3, H), (k3, K)))
             caches, rotary = (None, None), {"do_rotary": 0}
         scale = float(attr(attn.producer(), "scale", 1.0 / math.sqrt(D)))
         qkv = (packed, None, None) if packed is not None else (q3, k3, v3)

@@ -4,11 +4,11 @@ and the greedy tokens equal transformers' generate() for 32 steps (tiny random c
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+
+from helpers import ort_greedy, transformers_greedy
 
 PROMPT = [5, 17, 99, 3, 200, 42, 7, 8, 150, 33, 71]
 NEW = 32
@@ -27,24 +27,6 @@ FEATURES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
     ("qwen3-attention_bias-gelu", "qwen3", {"attention_bias": True, "hidden_act": "gelu_pytorch_tanh"},
      {"attention_bias": True, "o_bias": True, "hidden_act": "gelu_tanh"}),
 ]
-
-
-def transformers_greedy(folder: Path, prompt: list[int], new: int) -> list[int]:
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def ort_greedy(artifact: Path, prompt: list[int], new: int) -> list[int]:
-    from decodekit.runtime.generate import generate_ids
-    from decodekit.runtime.pipeline import open_backend
-
-    with open_backend(artifact, "ort") as backend:
-        return generate_ids(backend, [prompt], new, eos_ids=())[0]
 
 
 @pytest.mark.parametrize("family,overrides,expected", [f[1:] for f in FEATURES], ids=[f[0] for f in FEATURES])

@@ -43,7 +43,7 @@ def models(hf_checkpoint):
         if family not in cache:
             path = hf_checkpoint(family)
             hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-            cache[family] = (load_hf(path), hf)
+            cache[family] = (load_hf(path, rope_positions=MAX_SEQ), hf)  # the RoPE table of a --max-seq 96 export
         return cache[family]
 
     return get
@@ -226,7 +226,7 @@ def test_unsupported_architecture_names_supported_ones(tmp_path):
         load_hf(tmp_path)
     msg = str(e.value)
     assert "GPT2LMHeadModel" in msg
-    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"):
         assert arch in msg
 
 
@@ -258,6 +258,19 @@ def test_wrong_shape_is_named(hf_checkpoint, tmp_path):
         load_hf(tmp_path / "ck")
     msg = str(e.value)
     assert name in msg and "(32, 64)" in msg and "(16, 64)" in msg
+
+
+def test_fused_tensor_of_wrong_shape_is_named(hf_checkpoint, tmp_path):
+    """Phi-3 stores gate and up as one gate_up_proj [2 * intermediate, hidden]: its shape is checked whole."""
+    name = "model.layers.0.mlp.gate_up_proj.weight"  # expected (256, 64)
+
+    def edit(t):
+        t[name] = t[name][:200]
+
+    _rewrite_weights(hf_checkpoint("phi3"), tmp_path / "ck", edit)
+    with pytest.raises(CheckpointError) as e:
+        load_hf(tmp_path / "ck")
+    assert name in str(e.value) and "(256, 64)" in str(e.value) and "(200, 64)" in str(e.value)
 
 
 def test_pickle_only_checkpoint_is_refused(hf_checkpoint, tmp_path):

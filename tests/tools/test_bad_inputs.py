@@ -125,6 +125,44 @@ def external_data(location: str, link: bool = False) -> Callable[[Path, Path], N
     return setup
 
 
+def hf_config_only(family: str, **edits) -> Callable[[Path, Path], None]:
+    """A folder `ckpt` with just the config.json transformers writes for the test checkpoints of `family`, edited:
+    the export refuses it before it looks for weights."""
+
+    def setup(tmp: Path, tiny: Path) -> None:
+        import json
+
+        from helpers import hf_config
+
+        (tmp / "ckpt").mkdir()
+        (tmp / "ckpt" / "config.json").write_text(json.dumps({**hf_config(family).to_dict(), **edits}))
+
+    return setup
+
+
+def phi3_without_qkv(tmp: Path, tiny: Path) -> None:
+    """A Phi-3 checkpoint whose fused q/k/v tensor of layer 1 is missing."""
+    from safetensors.torch import load_file, save_file
+
+    from helpers import build_hf_checkpoint
+
+    build_hf_checkpoint("phi3", tmp / "ckpt")
+    tensors = load_file(str(tmp / "ckpt" / "model.safetensors"))
+    tensors.pop("model.layers.1.self_attn.qkv_proj.weight")
+    save_file(tensors, str(tmp / "ckpt" / "model.safetensors"), metadata={"format": "pt"})
+
+
+def phi3_gguf(tmp: Path, tiny: Path) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp / "phi3.gguf"), "phi3")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 # ------------------------------------------------------------------------------------------------ the table
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +216,22 @@ CASES: dict[str, Case] = {
                                                     setup=moved_source),
     "validate --mode judge against transformers": Case("validate {tiny} --backends ort --reference transformers "
                                                        "--mode judge", "use --reference decodekit"),
+    # RoPE and the Phi-3 family (export/rope_fields.py, export/config_phi3.py): refused before any weight is read
+    "export: a rope_type the family's config refuses": Case(
+        "export ckpt -o out", "rope_parameters.rope_type='dynamic' is not supported; supported: 'default', 'longrope'",
+        setup=hf_config_only("phi3", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})),
+    "export: longrope factors for another rotary dimension": Case(
+        "export ckpt -o out", "rope_parameters.short_factor has 3 values; the rotary dimension 8 needs 4",
+        setup=hf_config_only("phi3", rope_parameters={"rope_type": "longrope", "short_factor": [1.0] * 3,
+                                                       "long_factor": [1.0] * 4})),
+    "export: yarn beyond max_position_embeddings": Case(
+        "export ckpt -o out --max-seq 1024", "--max-seq 1024 exceeds the model's max_position_embeddings 512",
+        setup=hf_config_only("llama", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})),
+    "export: a Phi-3 checkpoint without a fused tensor": Case(  # --json: no progress lines before the refusal
+        "export ckpt -o out --json", "missing 1 tensors (e.g. model.layers.1.self_attn.qkv_proj.weight)",
+        setup=phi3_without_qkv),
+    "export: a Phi-3 GGUF": Case("export phi3.gguf -o out", "GGUF architecture 'phi3' is not supported",
+                                 setup=phi3_gguf),
     # usage errors: click's exit code 2, still one line
     "an unknown option": Case("export preset:tiny -o out --bogus", "No such option", code=2),
     "a bad choice": Case("generate {tiny} --backend onnx --ids 1,2", "Invalid value for '--backend'", code=2),
