@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from .config import Accounting, ConfigError, ModelConfig, account, load_hf_config, preset, read_hf_config
+from .config import FAMILIES, Accounting, ConfigError, ModelConfig, account, load_hf_config, preset, read_hf_config
 from .gguf import gguf_accounting, gguf_config, is_gguf, load_gguf
 from .model import Decoder
 
@@ -45,10 +45,24 @@ def hf_name_map(config: ModelConfig) -> dict[str, str]:
             names[f"{hf}.self_attn.o_proj.bias"] = f"{me}.attn_norm.reduce_bias"
         if config.mlp_bias:
             names[f"{hf}.mlp.down_proj.bias"] = f"{me}.ffn_norm.reduce_bias"
-        names[f"{hf}.post_attention_layernorm.weight"] = f"{me}.attn_norm.weight"
+        if config.sandwich_norm:  # Gemma: post-attention / post-FFN norms, then the pre-FFN norm
+            names[f"{hf}.post_attention_layernorm.weight"] = f"{me}.attn_norm.post_norm.weight"
+            names[f"{hf}.pre_feedforward_layernorm.weight"] = f"{me}.attn_norm.weight"
+            names[f"{hf}.post_feedforward_layernorm.weight"] = f"{me}.ffn_norm.post_norm.weight"
+        else:
+            names[f"{hf}.post_attention_layernorm.weight"] = f"{me}.attn_norm.weight"
         if i + 1 < L:
             names[f"model.layers.{i + 1}.input_layernorm.weight"] = f"{me}.ffn_norm.weight"
     return names
+
+
+def from_checkpoint(config: ModelConfig, param: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A checkpoint tensor as decodekit parameter `param` in `dtype`: RMSNorm scales stored minus the family's
+    norm_offset (Gemma: 1 + weight) get it added back, in fp32 before rounding to `dtype`."""
+    offset = FAMILIES[config.family].norm_offset
+    if offset and param.endswith("norm.weight"):
+        t = t.float() + offset
+    return t.to(dtype)
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -65,7 +79,7 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 
 def load_hf(folder: str | Path, dtype: str = "fp32", rope_positions: int | None = None) -> Decoder:
-    """Load a Llama / Mistral / Qwen2 / Qwen3 Hugging Face folder into a Decoder."""
+    """Load a Hugging Face folder of a family in export/config.FAMILIES into a Decoder."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -89,7 +103,7 @@ def load_hf(folder: str | Path, dtype: str = "fp32", rope_positions: int | None 
                     p = params[expected[name]]
                     if tuple(t.shape) != tuple(p.shape):
                         raise CheckpointError(f"{name}: expected shape {tuple(p.shape)} from config.json, found {tuple(t.shape)}")
-                    p.copy_(t)
+                    p.copy_(from_checkpoint(config, expected[name], t, p.dtype))
                     seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing or extra:
@@ -105,8 +119,7 @@ def _empty(config: ModelConfig, dtype: str, rope_positions: int | None) -> Decod
     model = model.to_empty(device="cpu").to(torch_dtype(dtype))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    cos, sin = model.rope_cos_sin_fp32()
-    model.rope_cos, model.rope_sin = cos, sin
+    model.reset_rope_tables()
     return model
 
 

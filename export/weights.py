@@ -13,7 +13,6 @@ for all ranks); nothing else of the model is ever materialized.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -26,8 +25,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from .checkpoint import (CheckpointError, _empty, _safetensors_files, hf_name_map, random_parameters,
-                         torch_dtype)
+from .checkpoint import (CheckpointError, _empty, _safetensors_files, from_checkpoint, hf_name_map,
+                         random_parameters, torch_dtype)
 from .config import ModelConfig
 from .model import Decoder, DecoderLayer
 from .sharding import shard
@@ -161,7 +160,7 @@ class SafetensorsWeights:
     checkpoint would count in the exporter's resident memory until the end), converted to the export dtype."""
 
     def __init__(self, folder: Path, config: ModelConfig, dtype: str) -> None:
-        self.dtype = torch_dtype(dtype)
+        self.config, self.dtype = config, torch_dtype(dtype)
         with torch.device("meta"):
             self.shapes = {n: tuple(p.shape) for n, p in Decoder(config).named_parameters()}
         expected = hf_name_map(config)
@@ -191,7 +190,8 @@ class SafetensorsWeights:
             f.seek(entry["base"] + start)
             if f.readinto(memoryview(raw.numpy())) != end - start:
                 raise CheckpointError(f"{path}: truncated while reading {hf}")
-        return raw.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(shape).to(self.dtype)
+        return from_checkpoint(self.config, param, raw.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(shape),
+                               self.dtype)
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -271,12 +271,15 @@ def _sharded_layer(source: WeightSource, config: ModelConfig, i: int, tp: int) -
 
 
 def _one_layer(config: ModelConfig) -> ModelConfig:
-    return dataclasses.replace(config, num_layers=1)
+    return config.select_layers([0])
 
 
-def template_model(config: ModelConfig, layers: int, dtype: str, rope_positions: int, tp: int) -> Decoder:
-    """The model to trace: `layers` layers of the real shapes, random distinct weights, rank 0's slices."""
-    model = _empty(dataclasses.replace(config, num_layers=layers), dtype, rope_positions)
+def template_model(config: ModelConfig, layers: int | list[int], dtype: str, rope_positions: int, tp: int
+                   ) -> Decoder:
+    """The model to trace: config's first `layers` layers (or those listed: their kinds, window and RoPE) with
+    the real shapes, random distinct weights, rank 0's slices."""
+    chosen = list(range(layers)) if isinstance(layers, int) else layers
+    model = _empty(config.select_layers(chosen), dtype, rope_positions)
     gen = torch.Generator().manual_seed(0x5EED)
     with torch.no_grad():
         for p in model.parameters():  # values only tell the parameters apart (bind_weights): uniform is cheapest
