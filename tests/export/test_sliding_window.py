@@ -2,7 +2,8 @@
 
 Each model has a window (8 tokens) shorter than its prompt + generation, on every layer (Mistral) or on some
 (Qwen2's max_window_layers, Gemma 2's alternating layers, Gemma 3's layer_types with local / global RoPE). On
-the std dialect (the mask built in-graph) and on ort-gqa (GroupQueryAttention's local_window_size and softcap):
+the std dialect (the mask built in-graph), on ort-gqa (GroupQueryAttention's local_window_size and softcap) and
+on the decomposed one (opset 21: the same mask, the soft cap as Div / Tanh / Mul):
 prefill and teacher-forced decode logits within the fp32 tolerance of transformers' full forward, and 64 greedy
 tokens of a batch of two prompts (right-padded prefill, ragged decode) identical to transformers' generate().
 """
@@ -31,7 +32,7 @@ MODELS: dict[str, tuple[str, dict[str, Any], list[int | None]]] = {
     "gemma2": ("gemma2", {}, [WINDOW, None, WINDOW, None]),
     "gemma3_text": ("gemma3_text", {}, [WINDOW, WINDOW, None, WINDOW]),
 }
-DIALECTS = ["std", "ort-gqa"]
+DIALECTS = ["std", "ort-gqa", "decomposed"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,3 +131,18 @@ def test_ort_gqa_carries_window_and_softcap(artifact, name):
     assert len(gqa) == len(windows) and not [n for n in graph.node if n.op_type == "Attention"]
     assert [a.get("local_window_size", -1) for a in gqa] == [w or -1 for w in windows]
     assert {a.get("softcap") for a in gqa} == ({4.0} if family == "gemma2" else {None})
+
+
+def test_decomposed_softcap_fuses_back_to_std(artifact, tmp_path):
+    """decomposed -> std recovers one Attention per layer with Gemma 2's softcap."""
+    import onnx
+
+    from decodekit.graphs.pipeline import optimize
+
+    _, decomposed = artifact("gemma2", "decomposed")
+    _, report = optimize(decomposed, tmp_path / "std", "std")
+    assert report["counts"]["fuse-std"]["Attention"] == 4, report["counts"]
+    graph = onnx.load(str(tmp_path / "std" / "rank0.onnx"), load_external_data=False).graph
+    caps = [onnx.helper.get_attribute_value(a) for n in graph.node if n.op_type == "Attention"
+            for a in n.attribute if a.name == "softcap"]
+    assert caps == [4.0] * 4
