@@ -3,7 +3,7 @@
 Each model has a window (8 tokens) shorter than its prompt + generation, on every layer (Mistral) or on some
 (Qwen2's max_window_layers, Gemma 2's alternating layers, Gemma 3's layer_types with local / global RoPE). On
 the std dialect (the mask built in-graph), on ort-gqa (GroupQueryAttention's local_window_size and softcap) and
-on the decomposed one (opset 21: the same mask, the soft cap as Div / Tanh / Mul):
+on the decomposed one (opset 21: the same mask, the soft cap as Div / Tanh / Mul) and, for Gemma 2, on "trt":
 prefill and teacher-forced decode logits within the fp32 tolerance of transformers' full forward, and 64 greedy
 tokens of a batch of two prompts (right-padded prefill, ragged decode) identical to transformers' generate().
 """
@@ -33,6 +33,8 @@ MODELS: dict[str, tuple[str, dict[str, Any], list[int | None]]] = {
     "gemma3_text": ("gemma3_text", {}, [WINDOW, WINDOW, None, WINDOW]),
 }
 DIALECTS = ["std", "ort-gqa", "decomposed"]
+# (model id, dialect): every model on every dialect, and Gemma 2 on "trt" (its soft caps decomposed for TensorRT)
+CASES = [(name, dialect) for name in MODELS for dialect in DIALECTS] + [("gemma2", "trt")]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,8 +73,7 @@ def assert_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
     assert err <= RTOL * scale, f"{what}: max abs error {err:.3e} > {RTOL:g} x logit scale {scale:.3f}"
 
 
-@pytest.mark.parametrize("dialect", DIALECTS)
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name,dialect", CASES)
 def test_prefill_and_decode_logits_match_transformers(artifact, name, dialect):
     from decodekit.export.manifest import read_manifest
     from decodekit.runtime.pipeline import open_backend
@@ -95,8 +96,7 @@ def test_prefill_and_decode_logits_match_transformers(artifact, name, dialect):
             n += 1
 
 
-@pytest.mark.parametrize("dialect", DIALECTS)
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name,dialect", CASES)
 def test_greedy_batch_matches_transformers_generate(artifact, name, dialect):
     from decodekit.runtime.generate import generate_ids
     from decodekit.runtime.pipeline import open_backend
@@ -146,3 +146,28 @@ def test_decomposed_softcap_fuses_back_to_std(artifact, tmp_path):
     caps = [onnx.helper.get_attribute_value(a) for n in graph.node if n.op_type == "Attention"
             for a in n.attribute if a.name == "softcap"]
     assert caps == [4.0] * 4
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_tensorrt_rtx_builds_fp16(hf_checkpoint, exported, tmp_path, name):
+    """fp16 engines build with TensorRT-RTX on the CPU: the in-place KV_CACHE_UPDATE and ROTARY_EMBEDDING layers
+    everywhere, fused ATTENTION where there is no soft cap, Gemma 2's soft-capped attention as matmuls + SOFTMAX
+    from the "trt" dialect. (Running the engines needs a GPU TensorRT-RTX supports: not here.)"""
+    pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX (pip install tensorrt-rtx) to build engines")
+    from decodekit.export.manifest import read_manifest
+    from decodekit.graphs.pipeline import optimize
+    from decodekit.graphs.trt.build import BuildOptions, build_engines
+
+    family, overrides, windows = MODELS[name]
+    art = exported(str(hf_checkpoint(family, **overrides)), dtype="fp16", max_seq=MAX_SEQ, max_batch=2)
+    if family == "gemma2":
+        optimize(art, tmp_path / "trt", "trt")
+        art = tmp_path / "trt"
+    build_engines(art, tmp_path / "e", BuildOptions(opt_seq=16))
+    types = read_manifest(tmp_path / "e").engines["layer_types"]
+    L = len(windows)
+    assert types["KV_CACHE_UPDATE"] == 2 * L and types["ROTARY_EMBEDDING"] == 2 * L, types
+    if family == "gemma2":
+        assert types["SOFTMAX"] == L and "ATTENTION_INPUT" not in types, types
+    else:
+        assert types["ATTENTION_INPUT"] == L and "SOFTMAX" not in types, types
