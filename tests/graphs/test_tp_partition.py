@@ -210,11 +210,15 @@ def test_row_parallel_biases_cross_the_cut_once(hf_checkpoint, exported) -> None
               if u.node.op_type == "Add" and any(v.const_value is not None for v in u.node.inputs)]
     assert len(biased) == 2 * L  # all-reduce -> Add(bias initializer)
     assert {n.inputs[0].producer().op_type for n in graph if n.op_type == "DistCollective"} == {"MatMul"}
+    assert _segments_error(tp1, tp2) <= 1e-4
+
+
+def _segments_error(tp1: Path, tp2: Path) -> float:
+    """Max error (relative to the logit scale) of tp2's segments of both ranks, summed by hand, against tp1."""
     parts = [partition(ir.load(str(tp2 / f"rank{r}.onnx"))) for r in range(2)]
     sessions = [[_session(segment_bytes(s)) for s in p.segments] for p in parts]
     steps = _steps(vocab=256)
-    ref = _run_whole(tp1 / "rank0.onnx", steps)
-    assert _max_rel(ref, _run_segments(parts, sessions, steps), steps) <= 1e-4
+    return _max_rel(_run_whole(tp1 / "rank0.onnx", steps), _run_segments(parts, sessions, steps), steps)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
@@ -222,9 +226,4 @@ def test_gemma_post_norms_windows_and_soft_caps_cross_the_cut(hf_checkpoint, exp
     """Gemma's post-norm after each all-reduce, sliding-window masks (window 3, shorter than the 8 positions run)
     shared by the segments, soft caps: both ranks' segments reproduce the tp=1 logits."""
     src = str(hf_checkpoint(family, sliding_window=3))
-    tp1, tp2 = (exported(src, tp=tp, max_seq=16, max_batch=2) for tp in (1, 2))
-    parts = [partition(ir.load(str(tp2 / f"rank{r}.onnx"))) for r in range(2)]
-    sessions = [[_session(segment_bytes(s)) for s in p.segments] for p in parts]
-    steps = _steps(vocab=256)
-    ref = _run_whole(tp1 / "rank0.onnx", steps)
-    assert _max_rel(ref, _run_segments(parts, sessions, steps), steps) <= 1e-4
+    assert _segments_error(*(exported(src, tp=tp, max_seq=16, max_batch=2) for tp in (1, 2))) <= 1e-4
