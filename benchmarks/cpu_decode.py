@@ -4,7 +4,11 @@
     python benchmarks/cpu_decode.py --model llama-156m --rounds 5 \
         --out results/cpu_llama-156m_vs_genai.json
 
-The checkpoint is a random fp32 LlamaForCausalLM of the preset's shape. 32-token prompt, 128 greedy tokens,
+    python benchmarks/cpu_decode.py --model llama-156m --family gemma2 --window 64 --rounds 3 \
+        --out results/cpu_gemma2-156m_vs_genai.json
+
+The checkpoint is a random fp32 LlamaForCausalLM of the preset's shape (or, with --family, a Gemma 2 / Gemma 3
+model of its sizes with a sliding window of --window tokens). 32-token prompt, 128 greedy tokens,
 batch 1; ms/token = median over steps 8.. of the time between successive tokens; rounds alternate the systems
 and the result is the median over rounds of each system's ms and of the per-round ratios. Greedy tokens are
 compared (first divergence from decodekit's). `decodekit:1thread` is the same with one ONNX Runtime intra-op
@@ -62,6 +66,8 @@ def build_decodekit(hf: Path, work: Path, max_seq: int) -> tuple[Path, float]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-156m")
+    ap.add_argument("--family", default="llama", choices=["llama", "gemma2", "gemma3_text"])
+    ap.add_argument("--window", type=int, default=None, help="sliding window of the gemma families (tokens)")
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    hf = make_hf(a.model, work, "fp32", "cpu")
+    hf = make_hf(a.model, work, "fp32", "cpu", a.family, a.window)
     art, dk_s = build_decodekit(hf, work, a.prompt_len + a.steps + 32)
     genai, genai_s = build_genai(hf, work, "fp32", "cpu")
     log(f"decodekit export+optimize {dk_s:.0f} s, genai builder {genai_s:.0f} s")
@@ -87,15 +93,15 @@ def main(argv: list[str] | None = None) -> None:
                "transformers": Transformers(hf)}
     rounds: dict[str, list[float]] = {s: [] for s in systems}
     tokens: dict[str, list[list[int]]] = {}
-    for s, r in systems.items():
-        r.run(prompts, 8)  # warm-up
+    for s, r in systems.items():  # warm-up (genai sizes a windowed layer's cache by the run: at least the window)
+        r.run(prompts, max(8, a.window or 0))
     for k in range(a.rounds):
         for s, r in systems.items():
             times, tokens[s] = r.run(prompts, a.steps)
             rounds[s].append(statistics.median(times[8:]))
             log(f"round {k} {s}: {rounds[s][-1]:.2f} ms/token")
     ratios = {s: statistics.median(o / d for o, d in zip(rounds[s], rounds["decodekit"])) for s in systems}
-    doc = {"model": a.model, "threads": a.threads, "steps": a.steps, "prompt_len": a.prompt_len,
+    doc = {"model": a.model, "family": a.family, "window": a.window, "threads": a.threads, "steps": a.steps, "prompt_len": a.prompt_len,
            "decodekit_build_s": dk_s, "genai_build_s": genai_s,
            "systems": {s: {"ms_per_token": statistics.median(v), "rounds": v,
                            "speedup_of_decodekit": ratios[s],

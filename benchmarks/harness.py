@@ -17,17 +17,23 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def make_hf(name: str, work: Path, dtype: str = "fp16", device: str = "cuda") -> Path:
-    """A random LlamaForCausalLM folder of the preset's shape (fp16 / fp32), with a word-level tokenizer of its vocab."""
+def make_hf(name: str, work: Path, dtype: str = "fp16", device: str = "cuda", family: str = "llama",
+            window: int | None = None) -> Path:
+    """A random LlamaForCausalLM folder of the preset's shape (fp16 / fp32), with a word-level tokenizer of its vocab.
+
+    family gemma2 / gemma3_text: that family's model of the preset's sizes instead (its own defaults otherwise:
+    Gemma 2's soft caps, alternating layers; Gemma 3's 5:1 pattern and two RoPE bases), sliding window `window`."""
     import torch
     import transformers
 
     from decodekit.export.config import preset
 
-    out = work / f"hf-{name}-{dtype}"
+    out = work / (f"hf-{name}-{dtype}" + ("" if family == "llama" else f"-{family}-w{window}"))
     if (out / "config.json").exists():
         return out
     c = preset(name)
+    if family != "llama":
+        return _make_gemma(c, out, family, window, dtype, device)
     rope = {"rope_type": c.rope_scaling.kind, "factor": c.rope_scaling.factor,
             "low_freq_factor": c.rope_scaling.low_freq_factor, "high_freq_factor": c.rope_scaling.high_freq_factor,
             "original_max_position_embeddings": c.rope_scaling.original_max_position_embeddings}
@@ -41,6 +47,25 @@ def make_hf(name: str, work: Path, dtype: str = "fp16", device: str = "cuda") ->
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.LlamaForCausalLM(cfg).to({"fp16": torch.float16, "fp32": torch.float32}[dtype])
+    model.save_pretrained(out)
+    _word_tokenizer(out, c.vocab_size)
+    return out
+
+
+def _make_gemma(c, out: Path, family: str, window: int | None, dtype: str, device: str) -> Path:
+    import torch
+    import transformers
+
+    cls, cfg_cls = {"gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config),
+                    "gemma3_text": (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig)}[family]
+    cfg = cfg_cls(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                  num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                  num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, query_pre_attn_scalar=c.head_dim,
+                  sliding_window=window or 4096, max_position_embeddings=c.max_position_embeddings,
+                  bos_token_id=c.bos_token_id, eos_token_id=list(c.eos_token_ids) or None)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls(cfg).to({"fp16": torch.float16, "fp32": torch.float32}[dtype])
     model.save_pretrained(out)
     _word_tokenizer(out, c.vocab_size)
     return out
