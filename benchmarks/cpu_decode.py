@@ -11,6 +11,9 @@ the time between successive tokens; each system's result is the median over roun
 median of its per-round ratios to the first system listed. Greedy tokens: first divergence from the first system.
 --roofline: a streaming-read bandwidth measured before every round, and each system's fraction of the bound
 (bytes read per step / bandwidth / its step time) per round. See harness.SYSTEMS for the systems.
+--family gemma2|gemma3_text: a Gemma model of the preset's sizes with a sliding window of --window tokens
+(`python benchmarks/cpu_decode.py --model llama-156m --family gemma2 --window 64 --rounds 3 --threads 1
+--out results/cpu_gemma2-156m_vs_genai.json`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads of the torch systems (0: default)")
     ap.add_argument("--roofline", action="store_true", help="measure the read bandwidth before every round")
+    ap.add_argument("--family", default="llama", choices=["llama", "gemma2", "gemma3_text"])
+    ap.add_argument("--window", type=int, default=None, help="sliding window of the gemma families (tokens)")
     a = ap.parse_args(argv)
     import torch
 
@@ -37,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     systems = systems_option(a.systems)
     max_seq = a.prompt_len + a.steps + 32
     ck = (Checkpoint(Path(a.hf), a.dtype, "cpu", Path(a.work), max_seq, 1) if a.hf
-          else Checkpoint.make(a.model, Path(a.work), a.dtype, "cpu", max_seq, 1))
+          else Checkpoint.make(a.model, Path(a.work), a.dtype, "cpu", max_seq, 1, family=a.family,
+                                window=a.window))
     prompts = random_prompts(1, a.prompt_len, ck.config.vocab_size)
     bandwidth: list[float] = []
     out = run_systems(systems, ck, prompts, a.steps, a.rounds,

@@ -53,12 +53,14 @@ class Checkpoint:
 
     @classmethod
     def make(cls, name: str, work: Path, dtype: str, device: str, max_seq: int, max_batch: int,
-             config: Any = None) -> "Checkpoint":
-        """A random checkpoint of preset ``name``'s shape (or of ``config``) under ``work`` (made once)."""
+             config: Any = None, family: str = "llama", window: int | None = None) -> "Checkpoint":
+        """A random checkpoint of preset ``name``'s shape (or of ``config``) under ``work`` (made once); family
+        gemma2 / gemma3_text: that family's model of the preset's sizes with a sliding window of ``window``."""
         from decodekit.export.config import preset
 
         work.mkdir(parents=True, exist_ok=True)
-        hf = make_hf(config or preset(name), work / f"hf-{name}-{dtype}", dtype, device)
+        folder = work / (f"hf-{name}-{dtype}" + ("" if family == "llama" else f"-{family}-w{window}"))
+        hf = make_hf(config or preset(name), folder, dtype, device, family, window)
         return cls(hf, dtype, device, work, max_seq, max_batch)
 
     @property
@@ -68,10 +70,16 @@ class Checkpoint:
         return load_hf_config(self.hf)
 
 
-def make_hf(c: Any, out: Path, dtype: str = "fp16", device: str = "cpu") -> Path:
-    """A random transformers model of ModelConfig ``c`` saved at ``out`` (with a word-level tokenizer of its vocab)."""
+def make_hf(c: Any, out: Path, dtype: str = "fp16", device: str = "cpu", family: str = "llama",
+            window: int | None = None) -> Path:
+    """A random transformers model of ModelConfig ``c`` saved at ``out`` (with a word-level tokenizer of its vocab).
+
+    family gemma2 / gemma3_text: that family's model of c's sizes instead (its own defaults otherwise: Gemma 2's
+    soft caps, alternating layers; Gemma 3's 5:1 pattern and two RoPE bases), sliding window ``window``."""
     if (out / "config.json").exists():
         return out
+    if family != "llama":
+        return _make_gemma(c, out, family, window, dtype, device)
     import torch
     import transformers
 
@@ -91,6 +99,25 @@ def make_hf(c: Any, out: Path, dtype: str = "fp16", device: str = "cpu") -> Path
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(cfg).to(precision(dtype).torch)
+    model.save_pretrained(out)
+    _word_tokenizer(out, c.vocab_size)
+    return out
+
+
+def _make_gemma(c, out: Path, family: str, window: int | None, dtype: str, device: str) -> Path:
+    import torch
+    import transformers
+
+    cls, cfg_cls = {"gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config),
+                    "gemma3_text": (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig)}[family]
+    cfg = cfg_cls(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                  num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                  num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, query_pre_attn_scalar=c.head_dim,
+                  sliding_window=window or 4096, max_position_embeddings=c.max_position_embeddings,
+                  bos_token_id=c.bos_token_id, eos_token_id=list(c.eos_token_ids) or None)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls(cfg).to({"fp16": torch.float16, "fp32": torch.float32}[dtype])
     model.save_pretrained(out)
     _word_tokenizer(out, c.vocab_size)
     return out

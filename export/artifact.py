@@ -17,7 +17,7 @@ import onnx_ir as ir
 from onnx_ir import serde as ir_serde
 
 from ..dtypes import precision, tensor_name
-from ..graphs.replicate import TEMPLATE_LAYERS, LayerStructureError, replicate_layers
+from ..graphs.replicate import LayerStructureError, replicate_layers, template_layers
 from . import verify_cache
 from .checkpoint import source_accounting, source_config
 from .config import ConfigError, ModelConfig
@@ -100,24 +100,34 @@ def step_graph(config: ModelConfig, options: ExportOptions, progress: Progress =
     """The step graph of rank 0 without its weights (weight references named ``model.{param}[.T]``).
 
     The block is traced once: a template of at most TEMPLATE_LAYERS layers goes through torch.onnx, the other
-    layers are copies of its last one (graphs/replicate.py). Every rank has this graph; only weights differ.
-    Should the traced graph not show the repeated block (a torch.onnx without module-scope metadata), all
-    layers are traced instead, as before."""
+    layers are copies of its last one (graphs/replicate.py), each reading the mask and RoPE tables of its own
+    kind (sliding window or not, local or global RoPE). Every rank has this graph; only weights differ.
+    Should the traced graph not show the repeated block (a torch.onnx without module-scope metadata), or the
+    layers have more kinds than a template shows, all layers are traced instead."""
     L = config.num_layers
-    layers = min(L, TEMPLATE_LAYERS)
-    progress(f"tracing rank 1/{options.tp} ({layers} of {L} layers traced, the others replicated)")
-    model = _traced(config, options, layers)
-    if L > layers:
+    kinds = [config.layer_kind(i, options.max_seq) for i in range(L)]
+    chosen = template_layers(kinds)
+    if chosen is None:
+        progress(f"tracing all {L} layers (more than two kinds of layers)")
+        return _serialized(_traced(config, options, list(range(L))))
+    progress(f"tracing rank 1/{options.tp} ({len(chosen)} of {L} layers traced, the others replicated)")
+    model = _traced(config, options, chosen)
+    if L > len(chosen):
         try:
-            replicate_layers(model, L)
+            replicate_layers(model, L, kinds, [kinds[i] for i in chosen])
         except LayerStructureError as e:
             progress(f"cannot replicate the traced block ({e}); tracing all {L} layers")
-            model = _traced(config, options, L)
+            model = _traced(config, options, list(range(L)))
+    return _serialized(model)
+
+
+def _serialized(model: ir.Model) -> tuple[onnx.ModelProto, list[WeightSpec]]:
     return ir_serde.serialize_model(model), weight_specs(model.graph)
 
 
-def _traced(config: ModelConfig, options: ExportOptions, layers: int) -> ir.Model:
-    """A `layers`-layer trace with random distinct weights, its initializers bound to parameter names."""
+def _traced(config: ModelConfig, options: ExportOptions, layers: list[int]) -> ir.Model:
+    """A trace of config's `layers` (named layers 0..n-1) with random distinct weights, its initializers bound
+    to parameter names."""
     template = template_model(config, layers, options.dtype, options.max_seq, options.tp)
     program = trace(template, options.max_batch, options.max_seq, options.logits)
     model = program.model

@@ -38,7 +38,12 @@ def hf_name_map(config: ModelConfig) -> dict[str, str]:
             names[f"{hf}.self_attn.o_proj.bias"] = f"{me}.attn_norm.reduce_bias"
         if config.mlp_bias:
             names[f"{hf}.mlp.down_proj.bias"] = f"{me}.ffn_norm.reduce_bias"
-        names[f"{hf}.post_attention_layernorm.weight"] = f"{me}.attn_norm.weight"
+        if config.sandwich_norm:  # Gemma: post-attention / post-FFN norms, then the pre-FFN norm
+            names[f"{hf}.post_attention_layernorm.weight"] = f"{me}.attn_norm.post_norm.weight"
+            names[f"{hf}.pre_feedforward_layernorm.weight"] = f"{me}.attn_norm.weight"
+            names[f"{hf}.post_feedforward_layernorm.weight"] = f"{me}.ffn_norm.post_norm.weight"
+        else:
+            names[f"{hf}.post_attention_layernorm.weight"] = f"{me}.attn_norm.weight"
         if i + 1 < L:
             names[f"model.layers.{i + 1}.input_layernorm.weight"] = f"{me}.ffn_norm.weight"
     return names
@@ -82,6 +87,15 @@ def fused_tensors(config: ModelConfig) -> dict[str, FusedTensor]:
     return fused
 
 
+def from_checkpoint(config: ModelConfig, param: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A checkpoint tensor as decodekit parameter `param` in `dtype`: RMSNorm scales stored minus the family's
+    norm_offset (Gemma: 1 + weight) get it added back, in fp32 before rounding to `dtype`."""
+    offset = FAMILIES[config.family].norm_offset
+    if offset and param.endswith("norm.weight"):
+        t = t.float() + offset
+    return t.to(dtype)
+
+
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -117,8 +131,7 @@ def _empty(config: ModelConfig, dtype: str, rope_positions: int | None) -> Decod
     model = model.to_empty(device="cpu").to(precision(dtype).torch)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    cos, sin = model.rope_cos_sin_fp32()
-    model.rope_cos, model.rope_sin = cos, sin
+    model.reset_rope_tables()
     return model
 
 

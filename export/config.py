@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from . import config_fields as cf
 from . import config_phi3 as phi3
+from . import config_gemma as gemma
 
 
 from ..errors import ConfigError  # noqa: F401 - re-exported (the home of every user error is errors.py)
@@ -51,15 +52,18 @@ class RopeScaling:
 
 ROPE_KINDS = tuple(cf.ROPE_TYPES)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # what the FFN gate computes (the keys of export/ops.ACTIVATIONS)
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names of the per-layer attention kinds
 
 
 @dataclass(frozen=True)
 class Family:
     """What distinguishes one Hugging Face decoder family from another.
 
-    fields: every config.json field the family understands (``config_fields``); attention_bias / qk_norm:
-    what the family's architecture always has, whatever its config.json says; fused_projections: its checkpoints
-    store q/k/v as one self_attn.qkv_proj and gate/up as one mlp.gate_up_proj (split at load).
+    fields: every config.json field the family understands (``config_fields``); attention_bias / qk_norm /
+    embed_scale / sandwich_norm: what the family's architecture always has, whatever its config.json says;
+    norm_offset: the checkpoint stores each RMSNorm scale minus this (Gemma: 1, its norms scale by 1 + weight);
+    fused_projections: its checkpoints store q/k/v as one self_attn.qkv_proj and gate/up as one mlp.gate_up_proj
+    (split at load).
     """
 
     name: str
@@ -68,6 +72,14 @@ class Family:
     attention_bias: bool = False
     qk_norm: bool = False
     fused_projections: bool = False
+    embed_scale: bool = False
+    sandwich_norm: bool = False
+    norm_offset: float = 0.0
+
+    def arch_fields(self) -> dict[str, Any]:
+        """The ModelConfig fields the architecture fixes."""
+        return {"attention_bias": self.attention_bias, "qk_norm": self.qk_norm, "embed_scale": self.embed_scale,
+                "sandwich_norm": self.sandwich_norm}
 
 
 FAMILIES: dict[str, Family] = {
@@ -78,6 +90,9 @@ FAMILIES: dict[str, Family] = {
         Family("qwen2", ("Qwen2ForCausalLM",), cf.QWEN2, attention_bias=True),
         Family("qwen3", ("Qwen3ForCausalLM",), cf.QWEN3, qk_norm=True),
         Family("phi3", ("Phi3ForCausalLM",), phi3.PHI3, fused_projections=True),
+        Family("gemma2", ("Gemma2ForCausalLM",), gemma.GEMMA2, embed_scale=True, sandwich_norm=True, norm_offset=1.0),
+        Family("gemma3_text", ("Gemma3ForCausalLM",), gemma.GEMMA3, qk_norm=True, embed_scale=True,
+               sandwich_norm=True, norm_offset=1.0),
     )
 }
 
@@ -107,7 +122,17 @@ class ModelConfig:
     o_bias: bool = False  # o_proj bias (added once after the attention all-reduce)
     mlp_bias: bool = False  # gate/up/down biases (down's added once after the FFN all-reduce)
     hidden_act: str = "silu"  # one of ACTIVATIONS: act(gate) * up
-    sliding_window: int | None = None  # keys j with i - j < W; exported exactly only when max_seq <= W
+    # sliding-window attention: query i sees keys j with i - W < j <= i on "sliding_attention" layers
+    # (layer_types; empty: every layer is sliding when sliding_window is set, as Mistral)
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float | None = None  # Gemma 3: RoPE base of sliding layers (default scaling); None: one RoPE
+    # Gemma 2/3 numerics (export/model.py)
+    embed_scale: bool = False  # embeddings x sqrt(hidden_size), the factor rounded to the model dtype
+    sandwich_norm: bool = False  # RMSNorm on each attention / FFN output before its residual add
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (None: head_dim ** -0.5)
+    attn_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap) before the mask
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -118,6 +143,9 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even for rotary embedding, got {self.head_dim}")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.layer_types and (len(self.layer_types) != self.num_layers
+                                 or not set(self.layer_types) <= set(LAYER_TYPES)):
+            raise ConfigError(f"layer_types must list {self.num_layers} entries of {', '.join(LAYER_TYPES)}")
         self._check_rotary()
 
     def _check_rotary(self) -> None:
@@ -130,12 +158,33 @@ class ModelConfig:
                 raise ConfigError(f"config.json field rope_parameters.{name} has {len(getattr(s, name))} values; "
                                   f"the rotary dimension {r} needs {r // 2}")
 
+    def is_sliding(self, layer: int) -> bool:
+        """Whether layer `layer` is a "sliding_attention" layer (its window and local RoPE apply)."""
+        if self.layer_types:
+            return self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window is not None
+
+    def window(self, layer: int) -> int | None:
+        """Layer `layer`'s sliding window W (query i sees keys i - W < j <= i), None for full attention."""
+        return self.sliding_window if self.is_sliding(layer) else None
+
+    def local_rope(self, layer: int) -> bool:
+        """Whether layer `layer` rotates with the local RoPE tables (rope_local_theta) instead of the global ones."""
+        return self.rope_local_theta is not None and self.is_sliding(layer)
+
+    def layer_kind(self, layer: int, max_seq: int) -> tuple[int | None, bool]:
+        """What distinguishes layer `layer`'s graph from another's at cache length max_seq: (window, local RoPE);
+        a window >= max_seq masks nothing and counts as full attention."""
+        w = self.window(layer)
+        return (w if w is not None and w < max_seq else None), self.local_rope(layer)
+
+    def select_layers(self, layers: list[int]) -> "ModelConfig":
+        """This config with only the given layers (in that order): templates and one-layer shape holders."""
+        types = tuple(self.layer_types[i] for i in layers) if self.layer_types else ()
+        return dataclasses.replace(self, num_layers=len(layers), layer_types=types)
+
     def check_max_seq(self, max_seq: int) -> None:
         """Refuse a cache length this config's attention would not compute exactly."""
-        if self.sliding_window is not None and max_seq > self.sliding_window:
-            raise ConfigError(f"sliding_window={self.sliding_window} is smaller than --max-seq {max_seq}: decodekit "
-                              f"computes full attention, which equals sliding-window attention only while every "
-                              f"sequence fits the window; re-export with --max-seq {self.sliding_window} or less")
         beyond = cf.ROPE_TYPES[self.rope_scaling.kind].beyond_max_positions  # dynamic NTK: the table of max_seq
         if max_seq > self.max_position_embeddings and not beyond:
             raise ConfigError(f"--max-seq {max_seq} exceeds the model's max_position_embeddings "
@@ -160,7 +209,7 @@ class ModelConfig:
         attn += (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
         attn += h if self.o_bias else 0
         attn += 2 * self.head_dim if self.qk_norm else 0
-        layer = attn + 3 * h * i + 2 * h + ((2 * i + h) if self.mlp_bias else 0)
+        layer = attn + 3 * h * i + (4 if self.sandwich_norm else 2) * h + ((2 * i + h) if self.mlp_bias else 0)
         return v * h * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + h
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,13 +220,13 @@ class ModelConfig:
         d = dict(d)
         d["rope_scaling"] = RopeScaling(**d.get("rope_scaling", {}))
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        d["layer_types"] = tuple(d.get("layer_types", ()))
         return cls(**d)
 
 
 def _preset(family: str, **kw: Any) -> ModelConfig:
-    fam = FAMILIES[family]
-    kw.setdefault("attention_bias", fam.attention_bias)
-    kw.setdefault("qk_norm", fam.qk_norm)
+    for key, value in FAMILIES[family].arch_fields().items():
+        kw.setdefault(key, value)
     return ModelConfig(family=family, **kw)
 
 
@@ -240,7 +289,7 @@ class Accounting:
 def account(hf: Mapping[str, Any]) -> Accounting:
     """Walk config.json with the family's field rules; the first unsupported value is refused in one line."""
     fam = family_of(hf)
-    kw: dict[str, Any] = {"family": fam.name, "attention_bias": fam.attention_bias, "qk_norm": fam.qk_norm}
+    kw: dict[str, Any] = {"family": fam.name, **fam.arch_fields()}
     ignored: list[str] = []
     for rule in fam.fields:
         problem = rule.problem(hf)

@@ -202,7 +202,7 @@ def read_attention_bias_qkvo(hf: Mapping[str, Any]) -> Read:
 
 
 def read_mistral_window(hf: Mapping[str, Any]) -> Read:
-    """Mistral: sliding_window=None is full attention, W: token i attends to keys j with i - j < W."""
+    """Mistral: sliding_window=None is full attention, W: on every layer, query i sees keys i - W < j <= i."""
     return _window(hf.get("sliding_window"), "sliding_window")
 
 
@@ -216,13 +216,22 @@ def read_qwen_window(hf: Mapping[str, Any]) -> Read:
     if types is None:
         first = int(hf.get("max_window_layers") if hf.get("max_window_layers") is not None else 28)
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
-    known = ("full_attention", "sliding_attention")
-    if not isinstance(types, list) or len(types) != layers or any(t not in known for t in types):
-        return {}, (f"config.json field layer_types={describe(types)} is not supported; supported: a list of "
-                    f"{layers} entries, each one of {', '.join(map(repr, known))}")
+    problem = layer_types_problem(types, layers)
+    if problem:
+        return {}, problem
     if "sliding_attention" not in types:
         return {"sliding_window": None}, None
-    return _window(hf.get("sliding_window"), "sliding_window")
+    window, problem = _window(hf.get("sliding_window"), "sliding_window")
+    return ({**window, "layer_types": tuple(types)}, None) if problem is None else ({}, problem)
+
+
+def layer_types_problem(types: Any, layers: int) -> str | None:
+    """Why `types` is not a per-layer list of transformers' attention kinds for `layers` layers (None: it is)."""
+    known = ("full_attention", "sliding_attention")
+    if not isinstance(types, list) or len(types) != layers or any(t not in known for t in types):
+        return (f"config.json field layer_types={describe(types)} is not supported; supported: a list of "
+                f"{layers} entries, each one of {', '.join(map(repr, known))}")
+    return None
 
 
 def _window(value: Any, key: str) -> Read:

@@ -5,17 +5,23 @@
 Layer i's ``ffn_norm`` holds layer i+1's input RMSNorm (the final norm for the last layer), so each
 "all-reduce + residual add + RMSNorm" step is one module, as TensorRT-LLM fuses it. Layers never take
 tensor-parallel arguments: ``export.sharding`` slices a loaded model and installs a ReduceGroup.
+
+Per layer, what differs is data the decoder hands it: the attention mask (causal, or causal within a sliding
+window) and the RoPE tables (global, or Gemma 3's local ones). Gemma 2/3 add (config flags): embeddings scaled
+by sqrt(hidden), a post-norm on each block output before the residual add (``post_norm``), the query scale
+from query_pre_attn_scalar and soft-capped attention scores and logits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import torch
 from torch import nn
 
 from . import ops
-from .config import ModelConfig
+from .config import ModelConfig, RopeScaling
 from .rope import cos_sin_tables
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (key_BKTD, value_BKTD)
@@ -38,10 +44,11 @@ class AllReduceResidualNorm(nn.Module):
     has one): added once after the all-reduce, so tensor-parallel ranks never add it N times.
     """
 
-    def __init__(self, dim: int, eps: float, bias: bool = False) -> None:
+    def __init__(self, dim: int, eps: float, bias: bool = False, post_norm: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.reduce_bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        self.post_norm = RMSNorm(dim, eps) if post_norm else None  # Gemma: norm of the block output, then the add
         self.eps = eps
         self.group: ops.ReduceGroup | None = None
 
@@ -49,6 +56,8 @@ class AllReduceResidualNorm(nn.Module):
         reduced_BSH = ops.all_reduce(partial_BSH, self.group)
         if self.reduce_bias is not None:
             reduced_BSH = reduced_BSH + self.reduce_bias
+        if self.post_norm is not None:
+            reduced_BSH = self.post_norm(reduced_BSH)
         residual_BSH = reduced_BSH + residual_BSH
         return ops.rms_norm(residual_BSH, self.weight, self.eps), residual_BSH
 
@@ -63,7 +72,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=False)  # its bias (c.o_bias) is in attn_norm
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
-        self.scale = c.head_dim ** -0.5
+        self.scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
+        self.softcap = c.attn_softcap or 0.0
 
     def _heads(self, x_BSX: torch.Tensor, heads: int, norm: RMSNorm | None) -> torch.Tensor:
         B, S = x_BSX.shape[:2]
@@ -79,7 +89,7 @@ class Attention(nn.Module):
         v_BKSD = self._heads(self.v_proj(x_BSH), self.num_kv_heads, None)
         k_present = ops.cache_update(k_cache, k_BKSD, write_B)
         v_present = ops.cache_update(v_cache, v_BKSD, write_B)
-        o_BHSD = ops.attention(q_BHSD, k_present, v_present, mask_B1ST, nonpad_B, self.scale)
+        o_BHSD = ops.attention(q_BHSD, k_present, v_present, mask_B1ST, nonpad_B, self.scale, self.softcap)
         B, _, S, _ = o_BHSD.shape
         return self.o_proj(o_BHSD.transpose(1, 2).reshape(B, S, -1)), k_present, v_present
 
@@ -102,9 +112,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.attn = Attention(c)
-        self.attn_norm = AllReduceResidualNorm(c.hidden_size, c.rms_norm_eps, bias=c.o_bias)
+        self.attn_norm = AllReduceResidualNorm(c.hidden_size, c.rms_norm_eps, bias=c.o_bias, post_norm=c.sandwich_norm)
         self.ffn = FeedForward(c)
-        self.ffn_norm = AllReduceResidualNorm(c.hidden_size, c.rms_norm_eps, bias=c.mlp_bias)
+        self.ffn_norm = AllReduceResidualNorm(c.hidden_size, c.rms_norm_eps, bias=c.mlp_bias, post_norm=c.sandwich_norm)
 
     def forward(self, normed, residual, rope, write_B, nonpad_B, mask_B1ST, k_cache, v_cache):
         partial, k_present, v_present = self.attn(normed, rope, write_B, nonpad_B, mask_B1ST, k_cache, v_cache)
@@ -124,6 +134,20 @@ class Rope(nn.Module):
         return ops.rotary(x_BHSD, self.cos_PD2, self.sin_PD2, self.pos_BS)
 
 
+def attention_masks(position_ids_BS: torch.Tensor, T: int, windows: set[int | None]
+                    ) -> dict[int | None, torch.Tensor]:
+    """Boolean masks [B, 1, S, T] (True = attend) over cache rows 0..T-1, by query position p = position_ids:
+    None -> causal (row <= p); W -> causal within the window (p - W < row <= p, transformers' sliding window:
+    W keys, the query's own included)."""
+    kv_pos_111T = torch.arange(T, device=position_ids_BS.device)[None, None, None, :]
+    pos_B1S1 = position_ids_BS[:, None, :, None]
+    causal_B1ST = kv_pos_111T <= pos_B1S1
+    masks = {None: causal_B1ST}
+    for w in sorted(w for w in windows if w is not None):
+        masks[w] = causal_B1ST & (kv_pos_111T > pos_B1S1 - w)
+    return masks
+
+
 class Decoder(nn.Module):
     """One forward serves prefill (S > 1) and decode (S = 1); caches are updated in place."""
 
@@ -138,12 +162,18 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.static_kv = False  # True: fixed shapes and no host sync per step (torch.compile / CUDA graphs)
         self.rope_positions = rope_positions or min(config.max_position_embeddings, 8192)
-        cos, sin = self.rope_cos_sin_fp32()
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_rope_tables()
 
-    def rope_cos_sin_fp32(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return cos_sin_tables(self.config, self.rope_positions)
+    def reset_rope_tables(self) -> None:
+        """(Re)compute the fp32 RoPE tables: rope_cos/sin, and rope_local_cos/sin for Gemma 3's sliding layers."""
+        c = self.config
+        tables = {"rope": cos_sin_tables(c, self.rope_positions)}
+        if c.rope_local_theta is not None:
+            local = dataclasses.replace(c, rope_theta=c.rope_local_theta, rope_scaling=RopeScaling())
+            tables["rope_local"] = cos_sin_tables(local, self.rope_positions)
+        for name, (cos, sin) in tables.items():
+            self.register_buffer(f"{name}_cos", cos, persistent=False)
+            self.register_buffer(f"{name}_sin", sin, persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -159,20 +189,26 @@ class Decoder(nn.Module):
         # eager: attend over the valid prefix only (one host sync); traced / compiled: the whole static cache
         static = ops.exporting() or self.static_kv
         T = cache[0][0].shape[2] if static else int(nonpad_kv_seqlen_B.max())
-        kv_pos_T = torch.arange(T, device=input_ids_BS.device)
-        mask_B1ST = (kv_pos_T[None, None, None, :] <= position_ids_BS[:, None, :, None])
-        rope = Rope(self.rope_cos.to(self.dtype), self.rope_sin.to(self.dtype), position_ids_BS)
+        c = self.config
+        kinds = [c.layer_kind(i, T) for i in range(len(self.layers))]
+        masks = attention_masks(position_ids_BS, T, {w for w, _ in kinds})
+        ropes = {local: Rope(getattr(self, f"{name}_cos").to(self.dtype), getattr(self, f"{name}_sin").to(self.dtype),
+                             position_ids_BS)
+                 for local, name in ((False, "rope"), (True, "rope_local")) if local in {r for _, r in kinds}}
         residual = self.embed(input_ids_BS)
+        if c.embed_scale:  # transformers rounds the factor to the model dtype first
+            residual = residual * torch.tensor(c.hidden_size ** 0.5, dtype=residual.dtype)
         normed = self.input_norm(residual)
         present: KVCache = []
-        for layer, (k_cache, v_cache) in zip(self.layers, cache):
-            normed, residual, k, v = layer(normed, residual, rope, write_indices_B, nonpad_kv_seqlen_B, mask_B1ST,
-                                           k_cache, v_cache)
+        for layer, (k_cache, v_cache), (window, local) in zip(self.layers, cache, kinds):
+            normed, residual, k, v = layer(normed, residual, ropes[local], write_indices_B, nonpad_kv_seqlen_B,
+                                           masks[window], k_cache, v_cache)
             present.append((k, v))
         if logits == "last":
             last_B = (nonpad_kv_seqlen_B - write_indices_B - 1).clamp(min=0)
             normed = torch.gather(normed, 1, last_B[:, None, None].expand(-1, 1, normed.shape[-1]))
-        return self.lm_head(normed), present
+        logits_BSV = self.lm_head(normed)
+        return (ops.soft_cap(logits_BSV, c.final_softcap) if c.final_softcap else logits_BSV), present
 
     def new_cache(self, batch: int, max_seq: int, device: torch.device | str = "cpu") -> KVCache:
         """Zeroed static caches [batch, kv_heads_local, max_seq, head_dim] per layer."""

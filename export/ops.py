@@ -60,15 +60,31 @@ def cache_update(cache_BHTD: torch.Tensor, new_BHSD: torch.Tensor, write_B: torc
 
 
 def attention(q_BHSD: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor, mask_B1ST: torch.Tensor,
-              nonpad_B: torch.Tensor, scale: float) -> torch.Tensor:
-    """Grouped-query attention of S queries over the cache, masked by position (mask_B1ST, True = attend)."""
+              nonpad_B: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
+    """Grouped-query attention of S queries over the cache, masked by position (mask_B1ST, True = attend).
+
+    softcap > 0: scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2; the ONNX op's attribute)."""
     if exporting():
+        attrs = {"is_causal": 0, "scale": float(scale), **({"softcap": float(softcap)} if softcap else {})}
         return torch.onnx.ops.symbolic(
             "Attention", [q_BHSD, k_BKTD, v_BKTD, mask_B1ST, None, None, nonpad_B],
-            {"is_causal": 0, "scale": float(scale)}, dtype=q_BHSD.dtype, shape=q_BHSD.shape, version=24)
+            attrs, dtype=q_BHSD.dtype, shape=q_BHSD.shape, version=24)
     T = mask_B1ST.shape[-1]  # the eager caller may pass a mask over a prefix of the cache only
-    return F.scaled_dot_product_attention(q_BHSD, k_BKTD[:, :, :T], v_BKTD[:, :, :T], attn_mask=mask_B1ST,
-                                          scale=scale, enable_gqa=True)
+    k_BKTD, v_BKTD = k_BKTD[:, :, :T], v_BKTD[:, :, :T]
+    if not softcap:
+        return F.scaled_dot_product_attention(q_BHSD, k_BKTD, v_BKTD, attn_mask=mask_B1ST, scale=scale,
+                                              enable_gqa=True)
+    group = q_BHSD.shape[1] // k_BKTD.shape[1]
+    k_BHTD, v_BHTD = (t.repeat_interleave(group, dim=1) for t in (k_BKTD, v_BKTD))
+    scores_BHST = soft_cap(torch.matmul(q_BHSD, k_BHTD.transpose(2, 3)) * scale, softcap)
+    scores_BHST = scores_BHST.masked_fill(~mask_B1ST, torch.finfo(scores_BHST.dtype).min)
+    probs_BHST = torch.softmax(scores_BHST.float(), dim=-1).to(q_BHSD.dtype)
+    return torch.matmul(probs_BHST, v_BHTD)
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap), in x's dtype (Gemma's soft-capping; traced as Div, Tanh, Mul)."""
+    return torch.tanh(x / cap) * cap
 
 
 # ModelConfig.hidden_act -> the gate activation; under export F.gelu traces to one ONNX Gelu (opset 20) node.

@@ -13,7 +13,6 @@ for all ranks); nothing else of the model is ever materialized.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import queue
@@ -29,7 +28,8 @@ import onnx_ir as ir
 import torch
 
 from ..dtypes import DTYPES, from_safetensors, precision
-from .checkpoint import CheckpointError, _empty, _safetensors_files, fused_tensors, hf_name_map, random_parameters
+from .checkpoint import (CheckpointError, _empty, _safetensors_files, from_checkpoint, fused_tensors, hf_name_map,
+                         random_parameters)
 from .config import ModelConfig
 from .model import Decoder, DecoderLayer
 from .sharding import shard
@@ -166,7 +166,7 @@ class SafetensorsWeights:
     as the parameters it holds (the last one read is kept until another is asked for)."""
 
     def __init__(self, folder: Path, config: ModelConfig, dtype: str) -> None:
-        self.dtype = precision(dtype).torch
+        self.config, self.dtype = config, precision(dtype).torch
         with torch.device("meta"):
             self.shapes = {n: tuple(p.shape) for n, p in Decoder(config).named_parameters()}
         expected, self.fused = hf_name_map(config), fused_tensors(config)
@@ -193,10 +193,10 @@ class SafetensorsWeights:
         path, hf, entry = self.where[param]
         fused = self.fused.get(hf)
         if fused is None:
-            return self._read(path, hf, entry, self.shapes[param])
+            return from_checkpoint(self.config, param, self._read(path, hf, entry, self.shapes[param]), self.dtype)
         if self._last is None or self._last[0] != hf:
             self._last = None  # free the previous fused tensor before reading the next one
-            self._last = hf, self._read(path, hf, entry, (fused.rows, *self.shapes[param][1:]))
+            self._last = hf, self._read(path, hf, entry, (fused.rows, *self.shapes[param][1:])).to(self.dtype)
         return self._last[1][fused.rows_of(param)].clone()
 
     def _read(self, path: Path, hf: str, entry: dict, want: tuple[int, ...]) -> torch.Tensor:
@@ -209,7 +209,7 @@ class SafetensorsWeights:
             f.seek(entry["base"] + start)
             if f.readinto(memoryview(raw.numpy())) != end - start:
                 raise CheckpointError(f"{path}: truncated while reading {hf}")
-        return raw.view(from_safetensors(entry["dtype"]).torch).reshape(shape).to(self.dtype)
+        return raw.view(from_safetensors(entry["dtype"]).torch).reshape(shape)  # the checkpoint's own dtype
 
 
 def _safetensors_header(path: Path) -> dict[str, dict]:
@@ -336,12 +336,15 @@ def _sharded_layer(source: WeightSource, config: ModelConfig, i: int, tp: int) -
 
 
 def _one_layer(config: ModelConfig) -> ModelConfig:
-    return dataclasses.replace(config, num_layers=1)
+    return config.select_layers([0])
 
 
-def template_model(config: ModelConfig, layers: int, dtype: str, rope_positions: int, tp: int) -> Decoder:
-    """The model to trace: `layers` layers of the real shapes, random distinct weights, rank 0's slices."""
-    model = _empty(dataclasses.replace(config, num_layers=layers), dtype, rope_positions)
+def template_model(config: ModelConfig, layers: int | list[int], dtype: str, rope_positions: int, tp: int
+                   ) -> Decoder:
+    """The model to trace: config's first `layers` layers (or those listed: their kinds, window and RoPE) with
+    the real shapes, random distinct weights, rank 0's slices."""
+    chosen = list(range(layers)) if isinstance(layers, int) else layers
+    model = _empty(config.select_layers(chosen), dtype, rope_positions)
     gen = torch.Generator().manual_seed(0x5EED)
     with torch.no_grad():
         for p in model.parameters():  # values only tell the parameters apart (bind_weights): uniform is cheapest

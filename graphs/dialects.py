@@ -8,6 +8,8 @@
                 lengths off the host, for CUDA graph capture (graphs/passes/lower_ort_gqa.py)
     decomposed  ai.onnx opset 21 only (ScatterElements cache write, MatMul/Softmax attention), for runtimes
                 without the opset-23/24 ops
+    trt         std with the Attention nodes TensorRT's ATTENTION layer refuses (softcap: Gemma 2) decomposed
+                (graphs/passes/lower_trt.py): build Gemma 2 engines from it
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..export.manifest import STD_CAPABILITIES
 from .passes.base import ReportingPass
 from .passes.lower_decomposed import LowerDecomposedPass
 from .passes.lower_ort_gqa import LowerOrtGqaPass
+from .passes.lower_trt import LowerTrtPass
 
 
 @dataclass(frozen=True)
@@ -30,13 +33,16 @@ class Dialect:
     lowering: Callable[[bool], tuple[ReportingPass, ...]]  # debug -> passes after the std front end
     # what the lowered graph allows its runtime (export/manifest.py CAPABILITIES), written into the manifest
     capabilities: dict[str, bool] = field(default_factory=lambda: dict(STD_CAPABILITIES))
+    # the precision pass asks Attention for an fp32 softmax (softmax_precision) in fp16/bf16 graphs: not where the
+    # Attention nodes go to TensorRT, which refuses the attribute
+    fp32_softmax_attr: bool = True
 
 
 DIALECTS: dict[str, Dialect] = {
     d.name: d
     for d in (
         Dialect("std", "ai.onnx opset 24: TensorScatter + Attention, RMSNormalization, RotaryEmbedding",
-                "TensorScatter(axis=-2, linear)", lambda debug: ()),
+                "TensorScatter(axis=-2, linear)", lambda debug: (), fp32_softmax_attr=False),
         Dialect("ort-gqa", "com.microsoft GroupQueryAttention (shared past/present buffer) + "
                 "SkipSimplifiedLayerNormalization", "GroupQueryAttention(past/present shared buffer)",
                 lambda debug: (LowerOrtGqaPass(debug=debug),)),
@@ -53,6 +59,8 @@ DIALECTS: dict[str, Dialect] = {
                 {"mixed_lengths": False, "cache_append": False, "host_free_decode": True}),
         Dialect("decomposed", "ai.onnx opset 21: ScatterElements cache write, MatMul/Softmax attention",
                 "ScatterElements(axis=2)", lambda debug: (LowerDecomposedPass(debug=debug),)),
+        Dialect("trt", "std for TensorRT: soft-capped Attention (Gemma 2) as MatMul/Tanh/Softmax, the rest std",
+                "TensorScatter(axis=-2, linear)", lambda debug: (LowerTrtPass(debug=debug),), fp32_softmax_attr=False),
     )
 }
 

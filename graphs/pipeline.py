@@ -67,7 +67,7 @@ def build_passes(dialect: Dialect, dtype: str | None, signature: tuple[list[str]
     o = options
     return [
         FoldConstantsPass(debug), ShapeInferencePass(debug), FuseStdPass(debug), DeadCodeEliminationPass(debug),
-        ConvertPrecisionPass(dtype, debug, softmax_attr=dialect.name != "std"),
+        ConvertPrecisionPass(dtype, debug, softmax_attr=dialect.fp32_softmax_attr),
         *([FuseProjectionsPass(debug, o.fuse_min_members)] if o.fuse_projections else []),
         *dialect.lowering(debug),
         *([TiedLmHeadPass(debug)] if o.tied_lm_head and dialect.name.startswith("ort-") else []),
@@ -140,7 +140,7 @@ def _pass_dict(p: PassReport, quantize: QuantOptions | None) -> dict[str, Any]:
 
 
 REWRITING = ("fuse-std", "fuse-projections", "weights-nk", "tied-lm-head", "lower-ort-gqa", "lower-decomposed",
-             "quantize")
+             "lower-trt", "quantize")
 
 
 def summary(passes: list[dict[str, Any]]) -> dict[str, dict[str, int]]:

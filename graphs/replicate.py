@@ -16,11 +16,18 @@ so what it reads falls into exactly three kinds:
 Its ``present.{k}.*`` outputs become copy i's ``present.{i}.*``; the nodes after the layers (final norm's use, the
 LM head) are rewired to the last copy's chain outputs. The result equals a full trace node by node (op types,
 attributes, topology); only value names of copied intermediate results differ.
+
+Layers of different kinds (``ModelConfig.layer_kind``: a sliding window or not, Gemma 3's local or global RoPE)
+have the same nodes and differ only in shared values they read (the mask, the RoPE tables). ``template_layers``
+picks the traced layers so that the two traced middle layers show every kind of the later layers; the positions
+where their shared inputs differ are the kind-specific ones, and each copy (and traced layer 2, when it was traced
+as another layer's kind) reads there the values of its own kind.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Hashable
 
 import onnx_ir as ir
 
@@ -42,8 +49,27 @@ def rename_layer(name: str, src: int, dst: int) -> str:
     return re.sub(rf"^(past_key_values|present)\.{src}\.", rf"\g<1>.{dst}.", name)
 
 
-def replicate_layers(model: ir.Model, num_layers: int) -> ir.Model:
-    """Extend `model` (a trace of TEMPLATE_LAYERS layers) in place to `num_layers` layers and return it."""
+Kind = Hashable
+
+
+def template_layers(kinds: list[Kind]) -> list[int] | None:
+    """Which layers to trace for a model whose layer i is of kind kinds[i] (None: trace them all).
+
+    Layers 0 and 1, then the first later layer of a kind other than layer 1's (else layer 2): traced layers 1 and
+    2 then hold every kind of layers >= 1 when there are at most two. The third traced layer is named layer 2."""
+    L = len(kinds)
+    if L <= TEMPLATE_LAYERS:
+        return list(range(L))
+    if len(set(kinds[1:])) > 2:
+        return None
+    return [0, 1, next((i for i in range(2, L) if kinds[i] != kinds[1]), 2)]
+
+
+def replicate_layers(model: ir.Model, num_layers: int, kinds: list[Kind] | None = None,
+                     traced_kinds: list[Kind] | None = None) -> ir.Model:
+    """Extend `model` (a trace of TEMPLATE_LAYERS layers) in place to `num_layers` layers and return it.
+
+    kinds: every layer's kind; traced_kinds: the kinds the traced layers were traced as (default: all one kind)."""
     graph = model.graph
     nodes = list(graph)
     layers = [node_layer(n) for n in nodes]
@@ -53,6 +79,8 @@ def replicate_layers(model: ir.Model, num_layers: int) -> ir.Model:
     prev = [n for n, k in zip(nodes, layers) if k == last - 1]
     block = [n for n, k in zip(nodes, layers) if k == last]
     _check_same_block(prev, block)
+    kinds = kinds or [None] * num_layers
+    by_kind = _kind_inputs(prev, block, *(traced_kinds or [None] * TEMPLATE_LAYERS)[last - 1:last + 1])
     end = max(i for i, k in enumerate(layers) if k == last)
     if any(k is not None for k in layers[end + 1:]):
         raise LayerStructureError("layer nodes after the last layer's block; cannot find the block boundary")
@@ -62,7 +90,7 @@ def replicate_layers(model: ir.Model, num_layers: int) -> ir.Model:
     tail_anchor = block[-1]
     source = block  # copy i reads the chain from the copy before it
     for i in range(TEMPLATE_LAYERS, num_layers):
-        copy = _copy_block(block, source, chain_of, inputs, graph, last, i)
+        copy = _copy_block(block, source, chain_of, inputs, graph, last, i, _of_kind(by_kind, kinds[i]))
         graph.insert_after(tail_anchor, copy)
         tail_anchor = copy[-1]
         for template_out in [v for v in outputs if v.producer() in block]:
@@ -70,8 +98,39 @@ def replicate_layers(model: ir.Model, num_layers: int) -> ir.Model:
             new.name = rename_layer(template_out.name, last, i)
             graph.outputs.append(new)
         source = copy
+    for (j, k), value in _of_kind(by_kind, kinds[last]).items():  # traced layer 2 as its own kind
+        if block[j].inputs[k] is not value:
+            block[j].replace_input_with(k, value)
     _rewire_tail(graph, block, source)
     return model
+
+
+def _shared(value: ir.Value | None, layer: int) -> bool:
+    """Read by a layer but made outside every layer and not named after it (mask, RoPE tables, graph inputs)."""
+    if value is None or rename_layer(value.name or "", layer, layer + 1) != value.name:
+        return False
+    producer = value.producer()
+    return producer is None or node_layer(producer) is None
+
+
+def _kind_inputs(prev: list[ir.Node], block: list[ir.Node], prev_kind: Kind, block_kind: Kind
+                 ) -> dict[Kind, dict[tuple[int, int], ir.Value]]:
+    """kind -> {(node index, input index): the shared value a layer of that kind reads there}, at the positions
+    where the traced layers 1 and 2 read different shared values."""
+    last = TEMPLATE_LAYERS - 1
+    differ = {(j, k): (u, v) for j, (a, b) in enumerate(zip(prev, block))
+              for k, (u, v) in enumerate(zip(a.inputs, b.inputs))
+              if _shared(u, last - 1) and _shared(v, last) and u is not v}
+    if differ and prev_kind == block_kind:
+        raise LayerStructureError(f"layers {last - 1} and {last} of one kind read different shared values at "
+                                  f"{len(differ)} input(s)")
+    return {prev_kind: {p: u for p, (u, _) in differ.items()}, block_kind: {p: v for p, (_, v) in differ.items()}}
+
+
+def _of_kind(by_kind: dict[Kind, dict[tuple[int, int], ir.Value]], kind: Kind) -> dict[tuple[int, int], ir.Value]:
+    if kind not in by_kind:
+        raise LayerStructureError(f"no traced layer of kind {kind!r} to copy")
+    return by_kind[kind]
 
 
 def _check_same_block(prev: list[ir.Node], block: list[ir.Node]) -> None:
@@ -83,12 +142,14 @@ def _check_same_block(prev: list[ir.Node], block: list[ir.Node]) -> None:
 
 
 def _copy_block(block: list[ir.Node], source: list[ir.Node], chain_of: dict, inputs: dict[str, ir.Value],
-                graph: ir.Graph, last: int, i: int) -> list[ir.Node]:
-    """Copy i of the template block: chain inputs from `source`, own cache inputs and weights."""
+                graph: ir.Graph, last: int, i: int, own: dict[tuple[int, int], ir.Value]) -> list[ir.Node]:
+    """Copy i of the template block: chain inputs from `source`, own cache inputs and weights, and at the
+    kind-specific positions `own` the values of its kind."""
     mapped: dict[ir.Value, ir.Value] = {}
     copies: list[ir.Node] = []
-    for node in block:
-        new_inputs = [_input(v, mapped, source, chain_of, inputs, graph, last, i) for v in node.inputs]
+    for j, node in enumerate(block):
+        new_inputs = [own[j, k] if (j, k) in own else _input(v, mapped, source, chain_of, inputs, graph, last, i)
+                      for k, v in enumerate(node.inputs)]
         new = ir.Node(node.domain, node.op_type, new_inputs, attributes=[a for a in node.attributes.values()],
                       overload=node.overload, num_outputs=len(node.outputs), version=node.version,
                       name=f"{node.name}.layer{i}" if node.name else None, doc_string=node.doc_string,

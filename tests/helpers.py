@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 
 # Shared small shapes; each family adds the features it should exercise.
 BASE_SHAPE: dict[str, Any] = dict(
@@ -36,6 +36,19 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "phi3": dict(pad_token_id=0, partial_rotary_factor=0.5, original_max_position_embeddings=256,
                  rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.25, 1.5, 2.0],
                                "long_factor": [1.5, 2.0, 4.0, 8.0]}),
+    # 4 layers alternating sliding (window 8, shorter than every test's prompt + generation) / full attention,
+    # soft-capped attention scores and logits, query scale from query_pre_attn_scalar (not head_dim). Untied:
+    # a random tied Gemma (embeddings x sqrt(hidden)) greedily repeats its last token.
+    "gemma2": dict(num_hidden_layers=4, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                   attn_logit_softcapping=4.0, final_logit_softcapping=8.0, tie_word_embeddings=False),
+    # sliding layers with the local RoPE base, full layers with the global base and linear scaling; q/k norm
+    "gemma3_text": dict(num_hidden_layers=4, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                        tie_word_embeddings=False,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                     "sliding_attention"],
+                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                            "rope_theta": 100000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}),
 }
 
 _SEEDS = {f: i for i, f in enumerate(FAMILIES)}
@@ -51,6 +64,8 @@ def hf_classes(family: str):
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
         "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
+        "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
     }[family]
 
 

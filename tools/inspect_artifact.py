@@ -141,6 +141,8 @@ def _manifest_summary(m: Manifest) -> dict[str, Any]:
             "logits": m.logits, "layers": c.num_layers, "hidden_size": c.hidden_size, "heads": c.num_heads,
             "kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
             "config_parameters": c.num_parameters(), "tokenizer": [f.file for f in m.tokenizer],
+            "sliding_window": c.sliding_window,
+            "sliding_layers": [i for i in range(c.num_layers) if c.window(i) is not None],
             "passes": m.passes,
             "engines": {k: v for k, v in m.engines.items() if k in ("flavour", "version", "profiles")}}
 
@@ -275,6 +277,9 @@ def format_inspect(r: InspectReport) -> str:
         lines.append(f"  model: {m['family']} (source {m['source'] or '?'}), {m['layers']} layers, hidden "
                      f"{m['hidden_size']}, heads {m['heads']}/{m['kv_heads']} kv, head_dim {m['head_dim']}, "
                      f"vocab {m['vocab_size']}, {m['config_parameters']:,} parameters (config)")
+        if m.get("sliding_layers"):
+            lines.append(f"  attention: sliding window of {m['sliding_window']} tokens on layers "
+                         f"{', '.join(map(str, m['sliding_layers']))}; full attention on the others")
         lines.append(f"  artifact: format v{m['format_version']}, {m['dtype']}, dialect {m['dialect']}, opset "
                      f"{m['opset']}, tp {m['tp']}, max_batch {m['max_batch']}, max_seq {m['max_seq']}, "
                      f"logits {m['logits']}, tokenizer {', '.join(m['tokenizer']) or 'none'}")

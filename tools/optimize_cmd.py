@@ -1,4 +1,4 @@
-"""decodekit optimize ARTIFACT -o OUT --dialect std|ort-gqa|ort-gqa-uniform|ort-gqa-static|decomposed
+"""decodekit optimize ARTIFACT -o OUT --dialect std|ort-gqa|ort-gqa-uniform|ort-gqa-static|decomposed|trt
 [--dtype fp16|bf16] [--quantize int4|int8 ...]."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .verify_option import verify_option
 @verify_option
 @click.argument("artifact", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="new artifact folder to write")
-@click.option("--dialect", required=True, help="target dialect: std, ort-gqa, ort-gqa-uniform or ort-gqa-static (onnxruntime < 1.32; -static for CUDA graphs) or decomposed")
+@click.option("--dialect", required=True, help="target dialect: std, ort-gqa, ort-gqa-uniform or ort-gqa-static (onnxruntime < 1.32; -static for CUDA graphs), decomposed, or trt (TensorRT: soft-capped attention decomposed)")
 @click.option("--dtype", default=None, type=click.Choice(PRECISIONS),
               help="convert weights, activations, KV cache and logits (default: keep the artifact's)")
 @click.option("--quantize", "quant", default=None, type=click.Choice(["int4", "int8"]),

@@ -24,6 +24,9 @@ What ort-gqa supports (checked on onnxruntime 1.32 CPU against the std graph, fp
   std, through GQA's query_seqlens input. Without query_seqlens ORT CPU refuses S > 1 with a non-empty
   past when batch > 1; query_seqlens is honored by the CPU and CUDA EPs only (other EPs reject the node).
 - head_dim must be a multiple of 16 (ORT CPU rejects other sizes at run time); the lowering refuses it.
+- Sliding-window layers (the std mask And-ed with arange(T) > position_ids - W) get local_window_size = W, soft-capped
+  Attention (Gemma 2) GQA's softcap: both match transformers on ORT CPU (tests/export/test_sliding_window.py). A
+  mask of another form keeps its layer from lowering, and ``ensures`` names why.
 - Output rows of padding positions (s >= nonpad[b] - write[b]) are unspecified (std gives finite values);
   compare or sample valid rows only.
 - ``static_total=True`` (dialect ort-gqa-static, implies no query_seqlens) computes total_sequence_length from

@@ -6,6 +6,10 @@ Matched (per layer, what the exporter emits):
     present.k = TensorScatter(past.k, k, write_indices)          present.v likewise
     out_BS(HD) = Reshape(Transpose(Attention(q, present.k, present.v, causal_position_mask, nonpad_kv_seqlen)))
 
+where the mask is the contract's causal one (arange(T) <= position_ids), or that And a sliding window of W keys
+(arange(T) > position_ids - W): GQA's local_window_size = W (ORT's convention: the W keys up to and including the
+query's own; measured on onnxruntime 1.32 CPU, W - 1 drops a key). Attention's scale and softcap become GQA's.
+
 Replaced by (3-D q/k/v, the past buffers, and per-step scalars computed from the contract's inputs):
 
     seqlens_k   = int32(nonpad_kv_seqlen - 1)                      valid cache length after the step, minus 1
@@ -34,7 +38,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, pattern
 
 from .rotary import rotary_dim
-from .util import attr, const_equals, dims, fail, ints, static
+from .util import attr, const_equals, dims, fail, ints, scalar, static
 
 MS = "com.microsoft"
 INT32 = ir.DataType.INT32
@@ -79,11 +83,13 @@ class LowerAttentionToGqa(RewriteRuleClassBase):
             if attr(tsc, "axis", -2) not in (-2, 2) or attr(tsc, "mode", "linear") != "linear":
                 return fail("cache update is not a linear write along the sequence axis", tsc)
         node = attn.producer()
-        if attr(node, "is_causal", 0) or attr(node, "softcap", 0.0) or len(node.outputs) != 1:
-            return fail("attention is causal-by-attribute, soft-capped or has extra outputs", node)
-        return _check_causal_position_mask(mask, pos, T)
+        if attr(node, "is_causal", 0) or len(node.outputs) != 1:
+            return fail("attention is causal-by-attribute or has extra outputs", node)
+        reason, _ = _position_mask_window(mask, pos, T)
+        return fail(reason, mask) if reason else MatchResult()
 
-    def rewrite(self, op, q_bshd, k_bshd, v_bshd, cos, sin, pos, past_k, past_v, write, nonpad, attn, q_rot, **_):
+    def rewrite(self, op, q_bshd, k_bshd, v_bshd, cos, sin, pos, past_k, past_v, write, mask, nonpad, attn, q_rot,
+                **_):
         H, K, D = static(q_bshd, 2), static(past_k, 1), static(q_bshd, 3)
         R = rotary_dim(q_rot.producer(), q_bshd)
         fuse_rotary = self.fuse_rotary and (R == D or (R // 2) % 8 == 0)
@@ -108,7 +114,8 @@ class LowerAttentionToGqa(RewriteRuleClassBase):
         qkv = (packed, None, None) if packed is not None else (q3, k3, v3)
         out, present_k, present_v = op.GroupQueryAttention(
             *qkv, past_k, past_v, seqlens_k, total, *caches, *([None] * 7 + [query_lens] if self.query_seqlens else []),
-            num_heads=H, kv_num_heads=K, scale=scale, **rotary, _domain=MS, _outputs=3)
+            num_heads=H, kv_num_heads=K, scale=scale, **rotary, **_window_softcap(attn, mask, pos, static(past_k, 2)),
+            _domain=MS, _outputs=3)
         return out, present_k, present_v
 
 
@@ -145,18 +152,54 @@ def _packed_qkv(q3: ir.Value, k3: ir.Value, v3: ir.Value) -> ir.Value | None:
     return packed if rank == 3 and attr(split, "axis", 0) in (-1, 2) else None
 
 
-def _check_causal_position_mask(mask: ir.Value, pos: ir.Value, T: int) -> MatchResult:
-    """GQA masks by cache row (row <= P + s); accept only the contract's mask arange(T) <= position_ids."""
+def _window_softcap(attn: ir.Value, mask: ir.Value, pos: ir.Value, T: int) -> dict[str, int | float]:
+    """GQA's local_window_size (the W keys up to and including the query's own, as transformers' window) and
+    softcap attributes, only where the std graph has a window / a soft cap."""
+    _, window = _position_mask_window(mask, pos, T)
+    softcap = float(attr(attn.producer(), "softcap", 0.0) or 0.0)
+    return {**({"local_window_size": window} if window else {}), **({"softcap": softcap} if softcap else {})}
+
+
+def _position_mask_window(mask: ir.Value, pos: ir.Value, T: int) -> tuple[str | None, int | None]:
+    """(why the mask is not one GQA applies itself, or None; the sliding window W, or None for causal).
+
+    GQA masks by cache row: row <= P + s, and with local_window_size also row > P + s - W. Accepted: the
+    contract's causal mask arange(T) <= position_ids, alone or And-ed with arange(T) > position_ids - W
+    (export/model.py attention_masks)."""
+    node = mask.producer()
+    if node is not None and node.op_type == "And" and node.domain == "":
+        a, b = node.inputs
+        causal, window = (a, b) if a.producer() is not None and a.producer().op_type == "LessOrEqual" else (b, a)
+        reason = _causal_reason(causal, pos, T)
+        if reason:
+            return reason, None
+        return _window_of(window, causal.producer().inputs[1], T)
+    return _causal_reason(mask, pos, T), None
+
+
+def _causal_reason(mask: ir.Value, pos: ir.Value, T: int) -> str | None:
     node = mask.producer()
     if node is None or node.op_type != "LessOrEqual":
-        return fail("attention mask is not LessOrEqual(arange(T), position_ids) (GQA applies its own causal mask)",
-                    mask)
+        return "attention mask is not LessOrEqual(arange(T), position_ids) (GQA applies its own causal mask)"
     rows, positions = node.inputs
     unsq = positions.producer() if positions is not None else None
     if not const_equals(rows, [[[list(range(T))]]]) or unsq is None or unsq.op_type != "Unsqueeze" \
             or unsq.inputs[0] is not pos:
-        return fail("attention mask is not arange(T)[None,None,None,:] <= position_ids[:,None,:,None]", node)
-    return MatchResult()
+        return "attention mask is not arange(T)[None,None,None,:] <= position_ids[:,None,:,None]"
+    return None
+
+
+def _window_of(window: ir.Value, positions: ir.Value, T: int) -> tuple[str | None, int | None]:
+    """W of Greater(arange(T), Sub(positions, W)), the sliding-window half of the mask."""
+    node = window.producer()
+    sub = node.inputs[1].producer() if node is not None and node.op_type == "Greater" else None
+    if sub is None or sub.op_type != "Sub" or not const_equals(node.inputs[0], [[[list(range(T))]]]) \
+            or sub.inputs[0] is not positions:
+        return "attention mask is not causal And arange(T) > position_ids - W (a sliding window)", None
+    w = scalar(sub.inputs[1])
+    if not isinstance(w, int) or w < 1:
+        return "sliding-window width is not a positive integer constant", None
+    return None, w
 
 
 def rules(fuse_rotary: bool = True, query_seqlens: bool = True,

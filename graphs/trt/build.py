@@ -36,6 +36,9 @@ BACKENDS = ("tensorrt",)
 KEY_OPS = {"TensorScatter": "KV_CACHE_UPDATE", "Attention": "ATTENTION", "DistCollective": "DIST_COLLECTIVE",
            "RMSNormalization": "NORMALIZATION", "RotaryEmbedding": "ROTARY_EMBEDDING"}
 _BEGIN, _END = "-- begin layer information: rank ", "-- end layer information: rank "
+# a fragment of TensorRT's parser message -> the decodekit step that avoids the op
+PARSER_FIXES = {"softcap": "build from `decodekit optimize ARTIFACT -o OUT --dialect trt` (soft-capped attention as "
+                           "MatMul/Tanh/Softmax)"}
 
 
 @dataclass(frozen=True)
@@ -163,9 +166,10 @@ def _parser_message(t: api.TRT, path: Path, issues: list[api.ParserIssue]) -> st
     domain = domains.get(first.node_name) or "ai.onnx"
     more = f" (+{len(issues) - 1} more: " + ", ".join(f"{i.node_name} ({i.op})" for i in issues[1:4]) + ")" \
         if len(issues) > 1 else ""
+    fix = next((f for key, f in PARSER_FIXES.items() if key in first.message),
+               "rewrite or remove the op (see `decodekit optimize --dialect`), or register a TensorRT plugin for it")
     return (f"{path.name}: {t.label} cannot import node {first.node_name!r} (op {domain}::{first.op}, node "
-            f"#{first.node_index}): {first.message}{more}; TensorRT has no layer or plugin for it: rewrite or remove "
-            f"the op (see `decodekit optimize --dialect`), or register a TensorRT plugin for it")
+            f"#{first.node_index}): {first.message}{more}; TensorRT has no layer or plugin for it: {fix}")
 
 
 def _build_failure(t: api.TRT, onnx_file: str, log: api.BuildLog, options: BuildOptions) -> str:

@@ -84,6 +84,19 @@ REFUSED = [
      ["layer_types=['full_attention']", "2 entries"]),
     ("llama", {"hidden_size": "wide"}, ["hidden_size='wide'"]),
     ("llama", {"eos_token_id": ["end"]}, ["eos_token_id=['end']"]),
+    ("gemma2", {"hidden_activation": "relu"}, ["hidden_activation='relu'", "'gelu_pytorch_tanh'"]),
+    ("gemma2", {"use_bidirectional_attention": True}, ["use_bidirectional_attention=True", "bidirectional"]),
+    ("gemma2", {"attn_logit_softcapping": -1.0}, ["attn_logit_softcapping=-1.0", "positive number or null"]),
+    ("gemma3_text", {"sliding_window": None}, ["sliding_window=None", "'sliding_attention' layers"]),
+    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "linear", "factor": 2.0,
+                                                               "rope_theta": 1e4}}},
+     ["rope_parameters.sliding_attention.rope_type='linear'", "full-attention layers only"]),
+    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6,
+                                                            "mrope_section": [2, 2]},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+     ["rope_parameters.full_attention.mrope_section=[2, 2]"]),
+    ("gemma3_text", {"layer_types": ["sliding_attention"]}, ["layer_types=['sliding_attention']", "4 entries"]),
 ]
 
 
@@ -97,33 +110,72 @@ def test_unsupported_config_value_is_refused_by_name(family, edits, fragments):
         assert fragment in message, message
 
 
-# (family, config.json edits, the sliding_window the export must respect: None = full attention)
+# (family, config.json edits, the window of each layer: None = full attention)
 WINDOWS = [
-    ("mistral", {"sliding_window": None}, None),
-    ("mistral", {"sliding_window": 4}, 4),
-    ("qwen2", {"use_sliding_window": False, "sliding_window": 4}, None),  # the flag is off: full attention
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "layer_types": None, "max_window_layers": 2}, None),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "layer_types": None, "max_window_layers": 1}, 64),
+    ("mistral", {"sliding_window": None}, [None, None]),
+    ("mistral", {"sliding_window": 4}, [4, 4]),
+    ("qwen2", {"use_sliding_window": False, "sliding_window": 4}, [None, None]),  # the flag is off: full attention
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "layer_types": None, "max_window_layers": 2},
+     [None, None]),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "layer_types": None, "max_window_layers": 1},
+     [None, 64]),
     ("qwen3", {"use_sliding_window": True, "sliding_window": 32,
-               "layer_types": ["full_attention", "sliding_attention"]}, 32),
+               "layer_types": ["full_attention", "sliding_attention"]}, [None, 32]),
     ("qwen3", {"use_sliding_window": True, "sliding_window": 32,
-               "layer_types": ["full_attention", "full_attention"]}, None),
+               "layer_types": ["full_attention", "full_attention"]}, [None, None]),
+    ("gemma2", {"sliding_window": 16, "layer_types": None}, [16, None, 16, None]),  # Gemma 2's default pattern
+    ("gemma3_text", {"sliding_window": 16, "layer_types": None, "num_hidden_layers": 7},
+     [16] * 5 + [None, 16]),  # Gemma 3's default sliding_window_pattern 6
+    ("gemma3_text", {"sliding_window": 16, "layer_types": None, "num_hidden_layers": 4, "sliding_window_pattern": 2},
+     [16, None, 16, None]),  # a config.json of transformers 4 (its pattern key)
 ]
 
 
-@pytest.mark.parametrize("family,edits,window", WINDOWS)
-def test_sliding_window_is_read_as_transformers_does(family, edits, window):
+@pytest.mark.parametrize("family,edits,windows", WINDOWS)
+def test_sliding_window_is_read_as_transformers_does(family, edits, windows):
     config_cls, _ = hf_classes(family)
     theirs = config_cls(**{k: v for k, v in config_json(family, **edits).items() if k != "transformers_version"})
-    layers = getattr(theirs, "layer_types", None) or ["sliding_attention"] * theirs.num_hidden_layers
-    expected = theirs.sliding_window if "sliding_attention" in layers else None
-    assert expected == window  # the table agrees with transformers' own reading
+    if family == "mistral":  # MistralModel windows every layer
+        expected = [theirs.sliding_window] * theirs.num_hidden_layers
+    else:
+        expected = [theirs.sliding_window if t == "sliding_attention" else None for t in theirs.layer_types]
+    assert expected == windows  # the table agrees with transformers' own reading
     config = account(config_json(family, **edits)).config
-    assert config.sliding_window == window
-    if window is not None:
-        config.check_max_seq(window)  # a window >= max_seq is exact
-        with pytest.raises(ConfigError, match=rf"sliding_window={window} is smaller than --max-seq {window + 1}"):
-            config.check_max_seq(window + 1)
+    assert [config.window(i) for i in range(config.num_layers)] == windows
+    config.check_max_seq(config.max_position_embeddings)  # any --max-seq up to the model's is exact now
+
+
+def test_gemma3_rope_is_read_as_transformers_does():
+    """Per layer type (transformers 5's rope_parameters), and the transformers 4 keys (rope_theta, rope_scaling,
+    rope_local_base_freq) of real Gemma 3 checkpoints: global scaling on full layers, local base on sliding ones."""
+    import transformers
+
+    old = {k: v for k, v in config_json("gemma3_text").items() if k not in ("rope_parameters", "layer_types")}
+    old.update(rope_theta=500000.0, rope_local_base_freq=2000.0, rope_scaling={"rope_type": "linear", "factor": 4.0},
+               sliding_window_pattern=2)
+    for hf in (config_json("gemma3_text"), old):
+        theirs = transformers.Gemma3TextConfig(**{k: v for k, v in hf.items() if k != "transformers_version"})
+        full, local = theirs.rope_parameters["full_attention"], theirs.rope_parameters["sliding_attention"]
+        config = account(hf).config
+        assert config.rope_theta == full["rope_theta"] and config.rope_local_theta == local["rope_theta"]
+        assert config.rope_scaling.kind == full["rope_type"] and config.rope_scaling.factor == full.get("factor", 1.0)
+        assert [config.local_rope(i) for i in range(config.num_layers)] == \
+            [t == "sliding_attention" for t in theirs.layer_types]
+
+
+def test_gemma_absent_fields_take_transformers_class_defaults():
+    """A config.json without Gemma 2's soft caps, window or query scalar reads them as its config class does."""
+    import transformers
+
+    hf = {k: v for k, v in config_json("gemma2").items()
+          if k not in ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window", "query_pre_attn_scalar")}
+    theirs = transformers.Gemma2Config(**{k: v for k, v in hf.items() if k != "transformers_version"})
+    config = account(hf).config
+    assert (config.attn_softcap, config.final_softcap, config.sliding_window, config.query_pre_attn_scalar) == \
+        (theirs.attn_logit_softcapping, theirs.final_logit_softcapping, theirs.sliding_window,
+         theirs.query_pre_attn_scalar)
+    nulls = account(config_json("gemma2", attn_logit_softcapping=None, final_logit_softcapping=None)).config
+    assert nulls.attn_softcap is None and nulls.final_softcap is None
 
 
 def test_ignored_and_unknown_fields_are_reported():
@@ -132,22 +184,6 @@ def test_ignored_and_unknown_fields_are_reported():
         set(acc.ignored)
     assert acc.unknown == ("my_custom_key", "rope_interleaved")
     assert acc.to_dict()["unknown"] == ["my_custom_key", "rope_interleaved"]
-
-
-def test_export_refuses_window_smaller_than_max_seq_in_one_line(hf_checkpoint, tmp_path, capsys):
-    """The CLI: one line naming the field and the fix, exit 1, nothing written, before any weight is loaded."""
-    from decodekit.tools.cli import main
-
-    src = hf_checkpoint("mistral", sliding_window=4)
-    capsys.readouterr()  # transformers' save progress
-    with pytest.raises(SystemExit) as info:
-        main(["export", str(src), "-o", str(tmp_path / "a"), "--max-seq", "64"])
-    assert info.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: sliding_window=4 is smaller than --max-seq 64: decodekit computes full attention, which "
-                   "equals sliding-window attention only while every sequence fits the window; re-export with "
-                   "--max-seq 4 or less"]
-    assert not (tmp_path / "a").exists()
 
 
 def test_export_manifest_lists_ignored_and_unknown_fields(hf_checkpoint, tmp_path):

@@ -91,16 +91,31 @@ def test_replicate_refuses_a_graph_without_the_layer_structure():
         replicate_layers(model, 5)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_replicated_export_matches_transformers(tmp_path, family):
+S, F = "sliding_attention", "full_attention"
+REPLICATED = {
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),
+    # layers of two kinds, window 3 (shorter than the prompt): layer 2 is traced as layer 3's kind (the template
+    # needs one of each), then reads its own kind's mask (and Gemma 3's local RoPE tables) again
+    "qwen2-max_window_layers=3": ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 3}),
+    "gemma3_text-SSSFS": ("gemma3_text", {"sliding_window": 3, "layer_types": [S, S, S, F, S]}),
+    "gemma2": ("gemma2", {"sliding_window": 3}),
+}
+
+
+@pytest.mark.parametrize("name", list(REPLICATED))
+def test_replicated_export_matches_transformers(tmp_path, name):
     """A 5-layer checkpoint (2 layers replicated) through ONNX Runtime: the logits of transformers."""
     import onnxruntime as ort
     from transformers import AutoModelForCausalLM
 
-    hf = build_hf_checkpoint(family, tmp_path / "hf", num_hidden_layers=L)
+    family, overrides = REPLICATED[name]
+    hf = build_hf_checkpoint(family, tmp_path / "hf", num_hidden_layers=L, **overrides)
     out = tmp_path / "art"
-    manifest = export_artifact(str(hf), out, ExportOptions(max_seq=32, max_batch=2))
-    ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    said: list[str] = []
+    manifest = export_artifact(str(hf), out, ExportOptions(max_seq=32, max_batch=2), said.append)
+    assert any(f"3 of {L} layers traced" in m for m in said) and not any("tracing all" in m for m in said), said
+    ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager").eval()
     ids = np.array([[3, 17, 42, 7, 99, 5]], dtype=np.int64)
     with torch.no_grad():
         want = ref(torch.from_numpy(ids)).logits.numpy()

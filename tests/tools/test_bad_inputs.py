@@ -163,6 +163,15 @@ def phi3_gguf(tmp: Path, tiny: Path) -> None:
     w.close()
 
 
+def gemma2_fp16_std(tmp: Path, tiny: Path) -> None:
+    """A Gemma 2 checkpoint (soft-capped attention) exported as an fp16 std artifact `g16`."""
+    from decodekit.export.artifact import ExportOptions, export_artifact
+    from helpers import build_hf_checkpoint
+
+    export_artifact(str(build_hf_checkpoint("gemma2", tmp / "ck")), tmp / "g16",
+                    ExportOptions(dtype="fp16", max_seq=32, max_batch=1))
+
+
 # ------------------------------------------------------------------------------------------------ the table
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +241,20 @@ CASES: dict[str, Case] = {
         setup=phi3_without_qkv),
     "export: a Phi-3 GGUF": Case("export phi3.gguf -o out", "GGUF architecture 'phi3' is not supported",
                                  setup=phi3_gguf),
+    # model families: what decodekit does not compute is refused by name, before any weight is read
+    "export Gemma 3's multimodal checkpoint": Case(
+        "export ckpt -o out", "unsupported architecture ('Gemma3ForConditionalGeneration',)",
+        setup=hf_config_only("gemma3_text", architectures=["Gemma3ForConditionalGeneration"], model_type="gemma3")),
+    "export Gemma 2 with bidirectional attention": Case(
+        "export ckpt -o out", "use_bidirectional_attention=True is not supported (bidirectional attention)",
+        setup=hf_config_only("gemma2", use_bidirectional_attention=True)),
+    "export Gemma 3 with a scaled local RoPE": Case(
+        "export ckpt -o out", "rope_parameters.sliding_attention.rope_type='linear' is not supported",
+        setup=hf_config_only("gemma3_text", rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})),
+    # TensorRT's ATTENTION layer has no soft cap: the build names the dialect that avoids it
+    "build Gemma 2 from std": Case("build g16 -o e --json", "--dialect trt", setup=gemma2_fp16_std),
     # usage errors: click's exit code 2, still one line
     "an unknown option": Case("export preset:tiny -o out --bogus", "No such option", code=2),
     "a bad choice": Case("generate {tiny} --backend onnx --ids 1,2", "Invalid value for '--backend'", code=2),
