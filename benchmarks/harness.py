@@ -66,9 +66,11 @@ def build_genai(hf: Path, work: Path, precision: str, provider: str) -> tuple[Pa
     return out, time.perf_counter() - t
 
 
-def genai_folder(base: Path, batch: int, max_length: int, graph: bool | None) -> Path:
-    """A sibling of the builder's folder whose genai_config.json sets batch, max_length and (CUDA) the graph."""
-    out = base.parent / f"{base.name}-b{batch}-{ {True: 'graph', False: 'nograph', None: 'plain'}[graph]}"
+def genai_folder(base: Path, batch: int, max_length: int, graph: bool | None, threads: int = 0) -> Path:
+    """A sibling of the builder's folder whose genai_config.json sets batch, max_length, (CUDA) the graph and
+    (threads > 0) ONNX Runtime's intra-op thread count."""
+    out = base.parent / (f"{base.name}-b{batch}-{ {True: 'graph', False: 'nograph', None: 'plain'}[graph]}"
+                         + (f"-t{threads}" if threads else ""))
     out.mkdir(exist_ok=True)
     for f in base.iterdir():
         if f.name != "genai_config.json" and not (out / f.name).exists():
@@ -81,6 +83,8 @@ def genai_folder(base: Path, batch: int, max_length: int, graph: bool | None) ->
             cuda = {}
             opts.append({"cuda": cuda})
         cuda["enable_cuda_graph"] = "1" if graph else "0"
+    if threads:
+        cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
     cfg["search"].update({"batch_size": batch, "max_length": max_length, "do_sample": False})
     (out / "genai_config.json").write_text(json.dumps(cfg, indent=2))
     return out

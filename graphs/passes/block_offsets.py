@@ -55,10 +55,11 @@ class BlockOffsets:
             self._sums[key] = node.outputs[0]
         return self._sums[key]
 
-    def add(self, kernel: ir.Node, offsets: np.ndarray, block: int, name: str) -> list[ir.Value]:
-        """Make what read `kernel`'s output read kernel + block_sums(x) @ offsets; returns the new initializers."""
+    def add(self, kernel: ir.Node, offsets: np.ndarray, block: int, name: str, dtype: ir.DataType) -> list[ir.Value]:
+        """Make what read `kernel`'s output read kernel + block_sums(x) @ offsets (offsets and block sums in
+        `dtype`, the activations' type); returns the new initializers."""
         x, y = kernel.inputs[0], kernel.outputs[0]
-        dtype, k = y.dtype, kernel.attributes["K"].as_int()
+        k = kernel.attributes["K"].as_int()
         uses = list(y.uses())
         made = len(self._indicators)
         sums = self._block_sums(x, k, block, dtype, kernel)

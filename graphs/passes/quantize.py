@@ -104,7 +104,8 @@ class QuantOptions:
 # Cost: onnxruntime 1.32's CPU MatMulNBits runs float zero points on a slow path (4x the fp32 step on SmolLM2,
 # results/smollm2_cpu_decode.json); --symmetric --quantize-lm-head --accuracy-level 4 is the fast int4 there.
 DEFAULT_SCHEMES: dict[str, dict] = {
-    "ort": {"symmetric": False, "float_zero_points": True, "method": "rtn"},
+    "ort": {"symmetric": False, "float_zero_points": True, "method": "rtn", "lm_head": True, "lm_head_bits": 8,
+            "accuracy_level": 4},
     "qdq": {"symmetric": True, "method": "rtn"},
 }
 
@@ -266,7 +267,7 @@ class QuantizePass(ReportingPass):
         new.outputs[0].dtype, new.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
         if block_offsets is not None:
-            inits += offsets.add(new, block_offsets, o.block_size, base)
+            inits += offsets.add(new, block_offsets, o.block_size, base, dtype)
         return inits
 
     @staticmethod
