@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     from decodekit.graphs.pipeline import optimize
     from decodekit.runtime.chat_template import chat_prompt
     from decodekit.runtime.ort_backend import OrtBackend
-    from decodekit.tools.bench_cpu import dk_round
+    from decodekit.tools.bench_cpu import dk_round, hf_round
 
     from harness import genai_folder
 

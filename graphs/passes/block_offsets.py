@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import quant
+from .base import add_initializer
 
 
 class BlockOffsets:
@@ -31,23 +32,13 @@ class BlockOffsets:
         self._indicators: dict[tuple[int, int, ir.DataType], ir.Value] = {}
         self._sums: dict[tuple[int, int], ir.Value] = {}
 
-    def _constant(self, name: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
-        out, i = name, 0
-        while out in self.graph.initializers:
-            i += 1
-            out = f"{name}_{i}"
-        tensor = ir.Tensor(array.astype(dtype.numpy()), dtype=dtype, name=out)
-        value = ir.Value(name=out, shape=ir.Shape(array.shape), type=ir.TensorType(dtype), const_value=tensor)
-        self.graph.register_initializer(value)
-        return value
-
     def _block_sums(self, x: ir.Value, k: int, block: int, dtype: ir.DataType, before: ir.Node) -> ir.Value:
         key = (id(x), block)
         if key not in self._sums:
             ikey = (k, block, dtype)
             if ikey not in self._indicators:
-                self._indicators[ikey] = self._constant(f"block_indicator_k{k}_b{block}",
-                                                        quant.block_indicator(k, block), dtype)
+                self._indicators[ikey] = add_initializer(self.graph, f"block_indicator_k{k}_b{block}",
+                                                         quant.block_indicator(k, block).astype(dtype.numpy()), dtype)
             node = ir.node("MatMul", [x, self._indicators[ikey]], name=f"{before.name}_block_sums")
             node.outputs[0].name = f"{before.name}_block_sums"
             node.outputs[0].dtype = dtype
@@ -63,7 +54,7 @@ class BlockOffsets:
         uses = list(y.uses())
         made = len(self._indicators)
         sums = self._block_sums(x, k, block, dtype, kernel)
-        m = self._constant(f"{name}_block_offsets", offsets, dtype)
+        m = add_initializer(self.graph, f"{name}_block_offsets", offsets.astype(dtype.numpy()), dtype)
         term = ir.node("MatMul", [sums, m], name=f"{kernel.name}_offset_term")
         add = ir.node("Add", [y, term.outputs[0]], name=f"{kernel.name}_plus_offsets")
         for node in (term, add):

@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import quant
-from .base import DialectError, PassOutcome, ReportingPass
+from .base import DialectError, PassOutcome, ReportingPass, add_initializer
 from .block_offsets import BlockOffsets
 
 FORMATS = ("ort", "qdq")
@@ -176,21 +176,6 @@ def _vocab(graph: ir.Graph) -> int | None:
     return None
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
-    tensor = ir.Tensor(array, dtype=dtype, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
-def _unique(graph: ir.Graph, name: str) -> str:
-    out, i = name, 0
-    while out in graph.initializers:
-        i += 1
-        out = f"{name}_{i}"
-    return out
-
-
 class QuantizePass(ReportingPass):
     name = "quantize"
 
@@ -253,13 +238,12 @@ class QuantizePass(ReportingPass):
         kernel_q, block_offsets = quant.split_offsets(q) if split else (q, None)
         b, scales, zp = quant.matmul_nbits_tensors(kernel_q)
         base = w.name or node.name
-        inits = [_initializer(graph, _unique(graph, f"{base}_Q{o.bits}"), b, ir.DataType.UINT8),
-                 _initializer(graph, _unique(graph, f"{base}_scales"), scales.astype(dtype.numpy()), dtype)]
+        inits = [add_initializer(graph, f"{base}_Q{o.bits}", b, ir.DataType.UINT8),
+                 add_initializer(graph, f"{base}_scales", scales.astype(dtype.numpy()), dtype)]
         if zp is not None and zp.dtype == np.float32:  # float zero points: [N * k_blocks] in the scales' type
-            inits.append(_initializer(graph, _unique(graph, f"{base}_zero_points"),
-                                      zp.reshape(-1).astype(dtype.numpy()), dtype))
+            inits.append(add_initializer(graph, f"{base}_zero_points", zp.reshape(-1).astype(dtype.numpy()), dtype))
         elif zp is not None:
-            inits.append(_initializer(graph, _unique(graph, f"{base}_zero_points"), zp, ir.DataType.UINT8))
+            inits.append(add_initializer(graph, f"{base}_zero_points", zp, ir.DataType.UINT8))
         attrs = {"K": q.k, "N": int(b.shape[0]), "bits": o.bits, "block_size": o.block_size}
         if o.accuracy_level is not None:
             attrs["accuracy_level"] = o.accuracy_level
@@ -281,10 +265,10 @@ class QuantizePass(ReportingPass):
             zp = None if zp is None else zp.astype(ml_dtypes.uint4)
         else:
             ctype = ir.DataType.INT8 if q.symmetric else ir.DataType.UINT8
-        inits = [_initializer(graph, _unique(graph, f"{base}_q{o.bits}"), codes, ctype),
-                 _initializer(graph, _unique(graph, f"{base}_scales"), scales.astype(dtype.numpy()), dtype)]
+        inits = [add_initializer(graph, f"{base}_q{o.bits}", codes, ctype),
+                 add_initializer(graph, f"{base}_scales", scales.astype(dtype.numpy()), dtype)]
         if zp is not None:
-            inits.append(_initializer(graph, _unique(graph, f"{base}_zero_points"), zp, ctype))
+            inits.append(add_initializer(graph, f"{base}_zero_points", zp, ctype))
         dq = ir.node("DequantizeLinear", inits, {"axis": 0, "block_size": o.block_size}, name=f"{node.name}_dq")
         dq.outputs[0].name = f"{base}_dq"
         dq.outputs[0].dtype, dq.outputs[0].shape = dtype, ir.Shape([q.k, int(scales.shape[1])])
