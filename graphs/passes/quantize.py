@@ -1,11 +1,15 @@
-"""Weight-only blockwise quantization of the linear layers: MatMul(x, W) with W a constant 2-D float initializer.
+"""Weight-only blockwise quantization of the linear layers: MatMul(x, W) with W a constant 2-D float initializer
+(and a tied LM head: MatMul(x, Transpose(E)) in std, com.microsoft FusedMatMul(x, E, transB=1) in ORT dialects).
 
 The exporter emits every nn.Linear as MatMul(x, W^T) with W^T [K, N] an initializer (after the front end's
 constant folding). Each such weight is quantized in blocks along K (graphs/quant.py holds the math) and the
 MatMul is replaced by, per ``QuantOptions.format``:
 
     ort   com.microsoft MatMulNBits(A, B uint8 [N, k_blocks, blob], scales [N, k_blocks] [, zero_points packed uint8])
-          attributes K, N, bits, block_size [, accuracy_level]: ONNX Runtime's fused weight-only kernel
+          attributes K, N, bits, block_size [, accuracy_level]: ONNX Runtime's fused weight-only kernel.
+          Float zero points (``float_zero_points``) become, by default, the integer kernel without zero points
+          plus an exact per-block offset term (graphs/passes/block_offsets.py), since ORT's CPU kernel runs a float
+          zero_points input on a slow path; ``float_zp_form="input"`` writes that input instead.
     qdq   DequantizeLinear(codes [K, N] int4/int8 or uint4/uint8, scales [k_blocks, N] [, zero points], axis=0,
           block_size) -> MatMul: standard ONNX (opset 21+ blocked quantization) that TensorRT's parser imports
           as weight-only quantization. Symmetric scales are positive here (absmax / (2^(bits-1) - 1)): TensorRT
@@ -14,7 +18,8 @@ MatMul is replaced by, per ``QuantOptions.format``:
 
 Embeddings (Gather), norms and every non-MatMul weight keep their precision; the LM head (the MatMul feeding the
 "logits" output through data-movement ops; by its vocabulary width when there is no such path) is kept
-unless ``lm_head=True``. The pipeline runs this pass after the back end's
+unless ``lm_head=True`` (then with ``head_options()``: ``lm_head_bits`` may differ from the rest); a tied head's
+table stays in float for the embedding Gather. The pipeline runs this pass after the back end's
 constant folding, so the DequantizeLinear of the qdq form is not folded back into a float weight.
 
 Report counts: {"MatMulNBits" or "DequantizeLinear": n, "skipped_lm_head": 0|1, "skipped_shape": n,
@@ -98,11 +103,11 @@ class QuantOptions:
 
 # The default scheme of each weight format: the best one its consumers accept, measured on a real model
 # (SmolLM2-135M-Instruct from its Q4_1 GGUF, teacher-forced; benchmarks/int4_quality.py, results/int4_quality.json).
-# MatMulNBits takes float zero points: the block's [min, max] grid, exact for a 4-bit GGUF source. TensorRT imports
-# only symmetric blocked DequantizeLinear, so qdq stays symmetric. The scale search lowers the weight error but
-# raised this model's perplexity (outliers it clips matter), so round-to-nearest stays the default method.
-# Cost: onnxruntime 1.32's CPU MatMulNBits runs float zero points on a slow path (4x the fp32 step on SmolLM2,
-# results/smollm2_cpu_decode.json); --symmetric --quantize-lm-head --accuracy-level 4 is the fast int4 there.
+# ort: float zero points (the block's [min, max] grid, exact for a Q4_1 GGUF source) as integer kernel + offsets,
+# the LM head at 8 bits (Q8_0's grid, exact for a Q8_0 table), accuracy_level 4 (int8 activations: +0.6% perplexity,
+# and what makes ORT's CPU kernel fast; 0.93x onnxruntime-genai's int4 time at rest, results/smollm2_cpu_decode.json).
+# TensorRT imports only symmetric blocked DequantizeLinear, so qdq stays symmetric. The scale search lowers the
+# weight error but raised this model's perplexity (outliers it clips matter): round-to-nearest stays the method.
 DEFAULT_SCHEMES: dict[str, dict] = {
     "ort": {"symmetric": False, "float_zero_points": True, "method": "rtn", "lm_head": True, "lm_head_bits": 8,
             "accuracy_level": 4},
