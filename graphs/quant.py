@@ -22,6 +22,9 @@ Float zero points (asymmetric, MatMulNBits only: its zero_points input may have 
 grid is lo + scale * code with lo = the block minimum (0 need not be on the grid), and the search fits scale and
 offset jointly by least squares for each candidate's codes. A block that already lies on a 2^bits-level grid
 (a llama.cpp Q4_1 / Q4_K source, dequantized) is reproduced exactly.
+ONNX Runtime 1.32 runs MatMulNBits with a float zero_points input on a slow path (B dequantized to float at every
+call, ~20x an integer-zero-point MatMulNBits at decode); ``split_offsets`` rewrites the same grid as the integer
+kernel plus an exact per-block offset term that the graph adds (graphs/passes/block_offsets.py).
 
 Layouts produced:
     MatMulNBits (com.microsoft)   B uint8 [N, k_blocks, block * bits / 8], codes packed low-nibble-first along K;
@@ -203,6 +206,30 @@ def dequantize_matmul_nbits(b: np.ndarray, scales: np.ndarray, zp: np.ndarray | 
     z = (np.full((n, nb), 1 << (bits - 1), np.uint8) if zp is None
          else unpack_codes(zp.reshape(n, -1), bits, nb))
     return dequantize(Blockwise(codes, scales.reshape(n, nb).astype(np.float32), z, bits, block, k, zp is None))
+
+
+def split_offsets(q: Blockwise) -> tuple[Blockwise, np.ndarray]:
+    """A float-zero-point grid as an integer kernel plus one offset per block (exact algebra, any asymmetric grid):
+
+        (code - zp) * scale  =  (code - h) * scale  +  (h - zp) * scale          h = 2^(bits-1), MatMulNBits' default
+
+    so x @ W = x @ W_int + sum over blocks b of offset[b, n] * (sum of x over block b's K rows). Returns
+    (W_int: the same codes and scales with the default zero point h -- the symmetric layout, no zero-point input,
+    which ONNX Runtime runs on its packed integer kernels -- and offsets [k_blocks, N] float32)."""
+    if q.zero_points.dtype != np.float32:
+        raise ValueError("split_offsets takes a float-zero-point Blockwise (quantize_blockwise(float_zero_points=True))")
+    h = np.float32(1 << (q.bits - 1))
+    kernel = Blockwise(q.codes, q.scales, np.full(q.scales.shape, 1 << (q.bits - 1), np.uint8), q.bits, q.block, q.k,
+                       True)
+    return kernel, ((h - q.zero_points) * q.scales).T.astype(np.float32)
+
+
+def block_indicator(k: int, block: int) -> np.ndarray:
+    """S [K, k_blocks] float32 with S[i, b] = 1 when row i lies in block b: x @ S sums x over each block."""
+    nb = -(-k // block)
+    s = np.zeros((k, nb), np.float32)
+    s[np.arange(k), np.arange(k) // block] = 1.0
+    return s
 
 
 def qdq_tensors(q: Blockwise) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import onnx_ir as ir
 
 from ...errors import DialectError  # noqa: F401 - re-exported
@@ -62,6 +63,19 @@ class ReportingPass(ir.passes.InPlacePass):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
+    """Register `array` (already of `dtype`'s numpy type) as a new initializer named `name`, or name_1, name_2, ...
+    when that name is taken."""
+    unique, i = name, 0
+    while unique in graph.initializers:
+        i += 1
+        unique = f"{name}_{i}"
+    value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(dtype),
+                     const_value=ir.Tensor(array, dtype=dtype, name=unique))
+    graph.register_initializer(value)
+    return value
 
 
 def op_counts(model: ir.Model) -> Counter:

@@ -1,11 +1,15 @@
-"""Weight-only blockwise quantization of the linear layers: MatMul(x, W) with W a constant 2-D float initializer.
+"""Weight-only blockwise quantization of the linear layers: MatMul(x, W) with W a constant 2-D float initializer
+(and a tied LM head: MatMul(x, Transpose(E)) in std, com.microsoft FusedMatMul(x, E, transB=1) in ORT dialects).
 
 The exporter emits every nn.Linear as MatMul(x, W^T) with W^T [K, N] an initializer (after the front end's
 constant folding). Each such weight is quantized in blocks along K (graphs/quant.py holds the math) and the
 MatMul is replaced by, per ``QuantOptions.format``:
 
     ort   com.microsoft MatMulNBits(A, B uint8 [N, k_blocks, blob], scales [N, k_blocks] [, zero_points packed uint8])
-          attributes K, N, bits, block_size [, accuracy_level]: ONNX Runtime's fused weight-only kernel
+          attributes K, N, bits, block_size [, accuracy_level]: ONNX Runtime's fused weight-only kernel.
+          Float zero points (``float_zero_points``) become, by default, the integer kernel without zero points
+          plus an exact per-block offset term (graphs/passes/block_offsets.py), since ORT's CPU kernel runs a float
+          zero_points input on a slow path; ``float_zp_form="input"`` writes that input instead.
     qdq   DequantizeLinear(codes [K, N] int4/int8 or uint4/uint8, scales [k_blocks, N] [, zero points], axis=0,
           block_size) -> MatMul: standard ONNX (opset 21+ blocked quantization) that TensorRT's parser imports
           as weight-only quantization. Symmetric scales are positive here (absmax / (2^(bits-1) - 1)): TensorRT
@@ -14,7 +18,8 @@ MatMul is replaced by, per ``QuantOptions.format``:
 
 Embeddings (Gather), norms and every non-MatMul weight keep their precision; the LM head (the MatMul feeding the
 "logits" output through data-movement ops; by its vocabulary width when there is no such path) is kept
-unless ``lm_head=True``. The pipeline runs this pass after the back end's
+unless ``lm_head=True`` (then with ``head_options()``: ``lm_head_bits`` may differ from the rest); a tied head's
+table stays in float for the embedding Gather. The pipeline runs this pass after the back end's
 constant folding, so the DequantizeLinear of the qdq form is not folded back into a float weight.
 
 Report counts: {"MatMulNBits" or "DequantizeLinear": n, "skipped_lm_head": 0|1, "skipped_shape": n,
@@ -24,7 +29,7 @@ Report counts: {"MatMulNBits" or "DequantizeLinear": n, "skipped_lm_head": 0|1, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ml_dtypes
 import numpy as np
@@ -32,9 +37,14 @@ import onnx_ir as ir
 
 from ...dtypes import FLOAT_ONNX_TYPES
 from .. import quant
-from .base import DialectError, PassOutcome, ReportingPass
+from .base import DialectError, PassOutcome, ReportingPass, add_initializer
+from .block_offsets import BlockOffsets
 
 FORMATS = ("ort", "qdq")
+# How a float-zero-point grid reaches MatMulNBits: "offsets" = the integer kernel + an exact per-block offset term
+# (graphs/passes/block_offsets.py; ONNX Runtime's packed kernels, accuracy_level 4 included); "input" = the
+# kernel's float zero_points input (onnxruntime 1.32 CPU: B dequantized at every call, ~20x slower at decode).
+FLOAT_ZP_FORMS = ("offsets", "input")
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,11 @@ class QuantOptions:
     accuracy_level: int | None = None  # MatMulNBits only: 0/None = compute in the activation type, 4 = int8
     method: str = "rtn"  # rtn: round-to-nearest; search: error-minimizing scale search per block (graphs/quant.py)
     float_zero_points: bool = False  # asymmetric MatMulNBits: grid min + scale * code, zero points in the scales' type
+    float_zp_form: str = "offsets"  # FLOAT_ZP_FORMS: how float zero points reach MatMulNBits
+    # with lm_head: the head's bits when they differ from `bits` (None: the same scheme as the rest). Such a head is
+    # symmetric with scale absmax / (2^(bits-1) - 1) per block: at 8 bits llama.cpp's Q8_0 grid, which GGUF files
+    # often use for a tied embedding table (exact there).
+    lm_head_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in quant.BITS:
@@ -58,29 +73,44 @@ class QuantOptions:
             raise DialectError(f"unsupported quantization method {self.method!r}; use one of {', '.join(quant.METHODS)}")
         if self.format not in FORMATS:
             raise DialectError(f"unsupported quantization format {self.format!r}; use one of {', '.join(FORMATS)}")
+        if self.float_zp_form not in FLOAT_ZP_FORMS:
+            raise DialectError(f"unsupported float zero point form {self.float_zp_form!r}; use one of "
+                               f"{', '.join(FLOAT_ZP_FORMS)}")
+        if self.lm_head_bits is not None and self.lm_head_bits not in quant.BITS:
+            raise DialectError(f"unsupported LM head bits {self.lm_head_bits}; use 4 or 8")
         if self.float_zero_points and (self.symmetric or self.format != "ort"):
             raise DialectError("float zero points need --asymmetric and the ort (MatMulNBits) format; "
                                "DequantizeLinear takes zero points of the codes' type only")
 
     @property
     def scheme(self) -> str:
-        """e.g. "int4-b32-sym" ("asymf": float zero points; + "-lmhead" when the LM head is quantized, "-qdq" for
-        the DequantizeLinear form, "-search" for the scale search)."""
+        """e.g. "int4-b32-sym" ("asymf": float zero points, "asymf-zpinput" as MatMulNBits' float zero_points input
+        rather than offsets; + "-lmhead" when the LM head is quantized, "-qdq" for the DequantizeLinear form,
+        "-search" for the scale search)."""
         s = f"int{self.bits}-b{self.block_size}-{'sym' if self.symmetric else 'asym'}"
-        s += "f" if self.float_zero_points else ""
-        s += ("-lmhead" if self.lm_head else "") + ("-qdq" if self.format == "qdq" else "")
+        s += ("f" + ("-zpinput" if self.float_zp_form == "input" else "")) if self.float_zero_points else ""
+        s += ("-lmhead" + (str(self.head_options().bits) if self.head_options().bits != self.bits else "")
+              if self.lm_head else "") + ("-qdq" if self.format == "qdq" else "")
         return s + ("-search" if self.method == "search" else "")
+
+    def head_options(self) -> "QuantOptions":
+        """The options the LM head is quantized with (lm_head_bits: symmetric, positive scales, round-to-nearest)."""
+        if self.lm_head_bits is None or self.lm_head_bits == self.bits:
+            return self
+        return replace(self, bits=self.lm_head_bits, symmetric=True, float_zero_points=False, method="rtn",
+                       lm_head_bits=None)
 
 
 # The default scheme of each weight format: the best one its consumers accept, measured on a real model
 # (SmolLM2-135M-Instruct from its Q4_1 GGUF, teacher-forced; benchmarks/int4_quality.py, results/int4_quality.json).
-# MatMulNBits takes float zero points: the block's [min, max] grid, exact for a 4-bit GGUF source. TensorRT imports
-# only symmetric blocked DequantizeLinear, so qdq stays symmetric. The scale search lowers the weight error but
-# raised this model's perplexity (outliers it clips matter), so round-to-nearest stays the default method.
-# Cost: onnxruntime 1.32's CPU MatMulNBits runs float zero points on a slow path (4x the fp32 step on SmolLM2,
-# results/smollm2_cpu_decode.json); --symmetric --quantize-lm-head --accuracy-level 4 is the fast int4 there.
+# ort: float zero points (the block's [min, max] grid, exact for a Q4_1 GGUF source) as integer kernel + offsets,
+# the LM head at 8 bits (Q8_0's grid, exact for a Q8_0 table), accuracy_level 4 (int8 activations: +0.6% perplexity,
+# and what makes ORT's CPU kernel fast; 0.93x onnxruntime-genai's int4 time at rest, results/smollm2_cpu_decode.json).
+# TensorRT imports only symmetric blocked DequantizeLinear, so qdq stays symmetric. The scale search lowers the
+# weight error but raised this model's perplexity (outliers it clips matter): round-to-nearest stays the method.
 DEFAULT_SCHEMES: dict[str, dict] = {
-    "ort": {"symmetric": False, "float_zero_points": True, "method": "rtn"},
+    "ort": {"symmetric": False, "float_zero_points": True, "method": "rtn", "lm_head": True, "lm_head_bits": 8,
+            "accuracy_level": 4},
     "qdq": {"symmetric": True, "method": "rtn"},
 }
 
@@ -94,18 +124,50 @@ def default_quant_options(bits: int = 4, format: str = "ort", **overrides) -> Qu
 
 
 _PASS_THROUGH = {"Reshape", "Slice", "Gather", "Squeeze", "Unsqueeze", "Cast", "Identity", "Transpose", "Flatten"}
+_MS = "com.microsoft"
+
+
+def _const_2d(v: ir.Value | None) -> ir.Value | None:
+    c = None if v is None else v.const_value
+    return v if c is not None and c.dtype in FLOAT_ONNX_TYPES and len(c.shape) == 2 else None
+
+
+def _weight(node: ir.Node) -> tuple[ir.Value, bool] | None:
+    """(the initializer holding x @ W's weight, True when it is stored [N, K]) for
+
+        MatMul(x, W)                            W [K, N] constant
+        MatMul(x, Transpose(E, perm=[1, 0]))    E [N, K]: a tied LM head (the embedding table) in std
+        FusedMatMul(x, E, transB=1)             E [N, K]: the same in ORT dialects (graphs/passes/tied_lm_head.py)
+    """
+    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
+        w = node.inputs[1]
+        if _const_2d(w) is not None:
+            return w, False
+        t = None if w is None else w.producer()
+        perm = None if t is None else t.attributes.get("perm")
+        if t is not None and t.op_type == "Transpose" and t.domain in ("", "ai.onnx") \
+                and (perm is None or list(perm.as_ints()) == [1, 0]) and _const_2d(t.inputs[0]) is not None:
+            return t.inputs[0], True
+        return None
+    if node.op_type == "FusedMatMul" and node.domain == _MS and len(node.inputs) == 2:
+        attrs = {k: v.value for k, v in node.attributes.items()}
+        plain = {"transA": 0, "transBatchA": 0, "transBatchB": 0, "alpha": 1.0}
+        if attrs.get("transB") == 1 and all(attrs.get(k, d) == d for k, d in plain.items()) \
+                and _const_2d(node.inputs[1]) is not None:
+            return node.inputs[1], True
+    return None
 
 
 def _lm_head(graph: ir.Graph) -> ir.Node | None:
-    """The MatMul whose output reaches the "logits" output through data-movement ops only (last-row Slice, ...)."""
+    """The MatMul (or FusedMatMul) whose output reaches the "logits" output through data-movement ops only."""
     value = next((v for v in graph.outputs if v.name == "logits"), None)
     while value is not None:
         node = value.producer()
-        if node is None or node.domain not in ("", "ai.onnx"):
+        if node is None:
             return None
-        if node.op_type == "MatMul":
+        if node.op_type in ("MatMul", "FusedMatMul") and node.domain in ("", "ai.onnx", _MS):
             return node
-        value = node.inputs[0] if node.op_type in _PASS_THROUGH else None
+        value = node.inputs[0] if node.op_type in _PASS_THROUGH and node.domain in ("", "ai.onnx") else None
     return None
 
 
@@ -117,21 +179,6 @@ def _vocab(graph: ir.Graph) -> int | None:
         if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].const_value is not None:
             return int(node.inputs[0].const_value.shape[0])
     return None
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
-    tensor = ir.Tensor(array, dtype=dtype, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
-def _unique(graph: ir.Graph, name: str) -> str:
-    out, i = name, 0
-    while out in graph.initializers:
-        i += 1
-        out = f"{name}_{i}"
-    return out
 
 
 class QuantizePass(ReportingPass):
@@ -150,13 +197,11 @@ class QuantizePass(ReportingPass):
         vocab = _vocab(graph) if head is None else None  # by shape only when the path to logits is not plain
         targets = []
         for node in graph:
-            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            found = _weight(node)
+            if found is None:
                 continue
-            w = node.inputs[1]
-            if w is None or w.const_value is None or w.const_value.dtype not in FLOAT_ONNX_TYPES \
-                    or len(w.const_value.shape) != 2:
-                continue
-            k, n = (int(d) for d in w.const_value.shape)
+            w, nk = found
+            k, n = (int(d) for d in w.const_value.shape[::-1 if nk else 1])
             is_head = node is head or (vocab is not None and n == vocab) \
                 or any(out in graph.outputs for out in node.outputs)
             if is_head and not o.lm_head:
@@ -167,45 +212,56 @@ class QuantizePass(ReportingPass):
                 if self.debug:
                     why_not.setdefault(op, []).append(f"at {node.name}: weight {w.name} [{k}, {n}] too small")
                 continue
-            targets.append(node)
+            targets.append((node, w, nk, o.head_options() if is_head else o))
         if o.format == "ort" and targets:
-            model.opset_imports.setdefault("com.microsoft", 1)
-        for node in targets:
-            w = node.inputs[1]
+            model.opset_imports.setdefault(_MS, 1)
+        offsets = BlockOffsets(graph)
+        for node, w, nk, opts in targets:
             dtype = w.const_value.dtype
             counts["bytes_before"] += w.const_value.nbytes
-            q = quant.quantize_blockwise(np.asarray(w.const_value.numpy(), np.float32), o.bits, o.block_size,
-                                         o.symmetric, positive_scales=o.format == "qdq", method=o.method,
-                                         float_zero_points=o.float_zero_points)
-            new_inits = self._ort(graph, node, w, q, dtype) if o.format == "ort" else self._qdq(graph, node, w, q, dtype)
+            w_kn = np.asarray(w.const_value.numpy(), np.float32)
+            q = quant.quantize_blockwise(w_kn.T if nk else w_kn, opts.bits, opts.block_size, opts.symmetric,
+                                         positive_scales=opts.format == "qdq" or opts is not o, method=opts.method,
+                                         float_zero_points=opts.float_zero_points)
+            transpose = node.inputs[1].producer() if nk and node.op_type == "MatMul" else None
+            if o.format == "ort":
+                new_inits = self._ort(graph, node, w, q, dtype, opts, offsets)
+            else:
+                new_inits = self._qdq(graph, node, w, q, dtype, opts)
             counts["bytes_after"] += sum(v.const_value.nbytes for v in new_inits)
             counts[op] += 1
+            if transpose is not None and not transpose.outputs[0].uses():
+                graph.remove(transpose, safe=True)
             if not w.uses() and not w.is_graph_output():
                 graph.initializers.pop(w.name)
         return PassOutcome(bool(targets), counts, why_not)
 
-    def _ort(self, graph: ir.Graph, node: ir.Node, w: ir.Value, q: quant.Blockwise, dtype: ir.DataType) -> list[ir.Value]:
-        o = self.options
-        b, scales, zp = quant.matmul_nbits_tensors(q)
+    @staticmethod
+    def _ort(graph: ir.Graph, node: ir.Node, w: ir.Value, q: quant.Blockwise, dtype: ir.DataType, o: QuantOptions,
+             offsets: BlockOffsets) -> list[ir.Value]:
+        split = q.zero_points.dtype == np.float32 and o.float_zp_form == "offsets"
+        kernel_q, block_offsets = quant.split_offsets(q) if split else (q, None)
+        b, scales, zp = quant.matmul_nbits_tensors(kernel_q)
         base = w.name or node.name
-        inits = [_initializer(graph, _unique(graph, f"{base}_Q{o.bits}"), b, ir.DataType.UINT8),
-                 _initializer(graph, _unique(graph, f"{base}_scales"), scales.astype(dtype.numpy()), dtype)]
+        inits = [add_initializer(graph, f"{base}_Q{o.bits}", b, ir.DataType.UINT8),
+                 add_initializer(graph, f"{base}_scales", scales.astype(dtype.numpy()), dtype)]
         if zp is not None and zp.dtype == np.float32:  # float zero points: [N * k_blocks] in the scales' type
-            inits.append(_initializer(graph, _unique(graph, f"{base}_zero_points"),
-                                      zp.reshape(-1).astype(dtype.numpy()), dtype))
+            inits.append(add_initializer(graph, f"{base}_zero_points", zp.reshape(-1).astype(dtype.numpy()), dtype))
         elif zp is not None:
-            inits.append(_initializer(graph, _unique(graph, f"{base}_zero_points"), zp, ir.DataType.UINT8))
+            inits.append(add_initializer(graph, f"{base}_zero_points", zp, ir.DataType.UINT8))
         attrs = {"K": q.k, "N": int(b.shape[0]), "bits": o.bits, "block_size": o.block_size}
         if o.accuracy_level is not None:
             attrs["accuracy_level"] = o.accuracy_level
-        new = ir.node("MatMulNBits", [node.inputs[0], *inits], attrs, domain="com.microsoft",
-                      name=f"{node.name}_nbits")
+        new = ir.node("MatMulNBits", [node.inputs[0], *inits], attrs, domain=_MS, name=f"{node.name}_nbits")
         new.outputs[0].dtype, new.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+        if block_offsets is not None:
+            inits += offsets.add(new, block_offsets, o.block_size, base, dtype)
         return inits
 
-    def _qdq(self, graph: ir.Graph, node: ir.Node, w: ir.Value, q: quant.Blockwise, dtype: ir.DataType) -> list[ir.Value]:
-        o = self.options
+    @staticmethod
+    def _qdq(graph: ir.Graph, node: ir.Node, w: ir.Value, q: quant.Blockwise, dtype: ir.DataType,
+             o: QuantOptions) -> list[ir.Value]:
         codes, scales, zp = quant.qdq_tensors(q)
         base = w.name or node.name
         if o.bits == 4:
@@ -214,13 +270,14 @@ class QuantizePass(ReportingPass):
             zp = None if zp is None else zp.astype(ml_dtypes.uint4)
         else:
             ctype = ir.DataType.INT8 if q.symmetric else ir.DataType.UINT8
-        inits = [_initializer(graph, _unique(graph, f"{base}_q{o.bits}"), codes, ctype),
-                 _initializer(graph, _unique(graph, f"{base}_scales"), scales.astype(dtype.numpy()), dtype)]
+        inits = [add_initializer(graph, f"{base}_q{o.bits}", codes, ctype),
+                 add_initializer(graph, f"{base}_scales", scales.astype(dtype.numpy()), dtype)]
         if zp is not None:
-            inits.append(_initializer(graph, _unique(graph, f"{base}_zero_points"), zp, ctype))
+            inits.append(add_initializer(graph, f"{base}_zero_points", zp, ctype))
         dq = ir.node("DequantizeLinear", inits, {"axis": 0, "block_size": o.block_size}, name=f"{node.name}_dq")
         dq.outputs[0].name = f"{base}_dq"
         dq.outputs[0].dtype, dq.outputs[0].shape = dtype, ir.Shape([q.k, int(scales.shape[1])])
-        graph.insert_before(node, dq)
-        node.replace_input_with(1, dq.outputs[0])
+        mm = ir.node("MatMul", [node.inputs[0], dq.outputs[0]], name=node.name)  # a FusedMatMul(transB) head too
+        mm.outputs[0].dtype, mm.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [dq, mm], node.outputs, mm.outputs)
         return inits

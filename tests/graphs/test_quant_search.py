@@ -89,7 +89,7 @@ def test_method_is_validated_and_named():
         QuantOptions(method="gptq")
 
 
-@pytest.mark.parametrize("fmt,scheme", [("ort", "int4-b32-asymf"), ("qdq", "int4-b32-sym-qdq")])
+@pytest.mark.parametrize("fmt,scheme", [("ort", "int4-b32-asymf-lmhead8"), ("qdq", "int4-b32-sym-qdq")])
 def test_cli_default_scheme_per_format(exported, tmp_path, fmt, scheme):
     """`--quantize int4` alone picks the format's default (TensorRT's qdq form stays symmetric)."""
     import json
@@ -106,5 +106,5 @@ def test_cli_default_scheme_per_format(exported, tmp_path, fmt, scheme):
     from decodekit.runtime.generate import generate_ids
     from decodekit.runtime.pipeline import open_backend
 
-    with open_backend(tmp_path / "q", "ort") as backend:  # the float-zero-point MatMulNBits graph runs in ORT
+    with open_backend(tmp_path / "q", "ort") as backend:  # the offsets + integer MatMulNBits graph runs in ORT
         assert len(generate_ids(backend, [[1, 2, 3]], 4, eos_ids=())[0]) == 4
