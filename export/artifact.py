@@ -9,14 +9,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import onnx
 import torch
-import onnx_ir as ir
-from onnx_ir import serde as ir_serde
 
-from ..graphs.replicate import TEMPLATE_LAYERS, LayerStructureError, replicate_layers
 from . import verify_cache
 from .checkpoint import DTYPES, source_accounting, source_config
 from .config import ConfigError, ModelConfig
@@ -28,8 +25,11 @@ from .onnx_writer import OnnxWriter
 from .ops import ONNX_OPSET
 from .sharding import check_tp
 from .tokenizer import copy_tokenizer, write_tiny_tokenizer
-from .trace import trace
+from .trace_cache import cached_step_graph
 from .weights import WeightSource, WeightSpec, bind_weights, open_source, rank_weights, template_model, weight_specs
+
+if TYPE_CHECKING:  # onnx_ir, torch.onnx and graphs/ load when a trace is needed, not on a trace-cache hit
+    import onnx_ir as ir
 
 
 Progress = Callable[[str], None]
@@ -72,7 +72,7 @@ def export_artifact(source: str, out: str | Path, options: ExportOptions = Expor
     with atomic_folder(out, options.force, keep=[source]) as tmp:
         progress(f"loading {source} ({options.dtype}, {config.num_parameters() / 1e6:.1f}M parameters)")
         weights = open_source(source, config, options.dtype, options.seed)
-        skeleton, specs = step_graph(config, options, progress)
+        skeleton, specs = cached_step_graph(config, options, lambda: step_graph(config, options, progress), progress)
         ranks = _write_ranks(skeleton, specs, weights, config, options, tmp, progress, written)
         tokenizer = _tokenizer(source, config, tmp)
         manifest = Manifest(
@@ -99,6 +99,10 @@ def step_graph(config: ModelConfig, options: ExportOptions, progress: Progress =
     layers are copies of its last one (graphs/replicate.py). Every rank has this graph; only weights differ.
     Should the traced graph not show the repeated block (a torch.onnx without module-scope metadata), all
     layers are traced instead, as before."""
+    from onnx_ir import serde as ir_serde
+
+    from ..graphs.replicate import TEMPLATE_LAYERS, LayerStructureError, replicate_layers
+
     L = config.num_layers
     layers = min(L, TEMPLATE_LAYERS)
     progress(f"tracing rank 1/{options.tp} ({layers} of {L} layers traced, the others replicated)")
@@ -114,6 +118,8 @@ def step_graph(config: ModelConfig, options: ExportOptions, progress: Progress =
 
 def _traced(config: ModelConfig, options: ExportOptions, layers: int) -> ir.Model:
     """A `layers`-layer trace with random distinct weights, its initializers bound to parameter names."""
+    from .trace import trace
+
     template = template_model(config, layers, options.dtype, options.max_seq, options.tp)
     program = trace(template, options.max_batch, options.max_seq, options.logits)
     model = program.model

@@ -10,6 +10,7 @@ import torch
 
 from .config import Accounting, ConfigError, ModelConfig, account, load_hf_config, preset, read_hf_config
 from .gguf import gguf_accounting, gguf_config, is_gguf, load_gguf
+from .meta import meta_device
 from .model import Decoder
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -100,7 +101,7 @@ def load_hf(folder: str | Path, dtype: str = "fp32", rope_positions: int | None 
 
 
 def _empty(config: ModelConfig, dtype: str, rope_positions: int | None) -> Decoder:
-    with torch.device("meta"):
+    with meta_device():
         model = Decoder(config, rope_positions)
     model = model.to_empty(device="cpu").to(torch_dtype(dtype))
     if config.tie_word_embeddings:
@@ -122,7 +123,7 @@ def random_model(config: ModelConfig, dtype: str = "fp32", seed: int = 0, rope_p
 
 def random_parameters(config: ModelConfig, dtype: str = "fp32", seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """random_model's parameters one at a time, in named_parameters order (the exporter streams them)."""
-    with torch.device("meta"):
+    with meta_device():
         shapes = [(name, p.shape) for name, p in Decoder(config).named_parameters()]
     gen = torch.Generator().manual_seed(seed)
     for name, shape in shapes:

@@ -31,7 +31,11 @@ def _llama3(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 def cos_sin_tables(config: ModelConfig, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [positions, head_dim/2] in fp32."""
-    inv_freq = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-    freqs_PD2 = torch.arange(positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-    return freqs_PD2.cos(), freqs_PD2.sin()
+    """cos and sin tables [positions, head_dim/2] in fp32, on the default device but computed on the CPU (the
+    same numbers everywhere; on the meta device torch would run these ops through Python decompositions, whose
+    first use imports torch._dynamo: most of an export that traces nothing)."""
+    device = torch.get_default_device()
+    with torch.device("cpu"):
+        inv_freq = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        freqs_PD2 = torch.arange(positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+        return freqs_PD2.cos().to(device), freqs_PD2.sin().to(device)
