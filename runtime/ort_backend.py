@@ -25,6 +25,8 @@ import numpy as np
 from ..export.manifest import Manifest
 from .backend import Backend, BackendError, StepState, register, resolve_options
 from .iobinding import bind_tensor
+from .background import Background
+from ..export.manifest import read_manifest
 
 from ..export.names import STEP_INPUTS, past_names, present_names  # noqa: F401 - re-exported
 
@@ -76,19 +78,23 @@ class OrtHandles:
 class OrtBackend(Backend):
     def __init__(self, artifact: str | Path, options: OrtOptions | None = None, *, manifest: Manifest | None = None,
                  rank: int = 0, **overrides: Any) -> None:
-        super().__init__(artifact, manifest, rank)
         self.options = resolve_options(OrtOptions, options, overrides, "ort")
-        m = self.manifest
+        m = manifest or read_manifest(artifact)
         if m.tp > 1:
-            raise BackendError(f"{self.artifact} has tp={m.tp} ranks; one process runs tp=1 artifacts only: "
-                               f"run it with `decodekit launch {self.artifact}` (one process per rank)")
+            raise BackendError(f"{artifact} has tp={m.tp} ranks; one process runs tp=1 artifacts only: "
+                               f"run it with `decodekit launch {artifact}` (one process per rank)")
         if m.dtype not in ONNX_TYPES:
-            raise BackendError(f"{self.artifact}: unsupported dtype {m.dtype!r} for the ort backend")
+            raise BackendError(f"{artifact}: unsupported dtype {m.dtype!r} for the ort backend")
+        # CPU: ONNX Runtime loads and optimizes the graph without the GIL while Backend.__init__ imports torch
+        cpu = self.options.device == "cpu"
+        pending = Background(create_session, m.rank_file(artifact, rank), self.options) if cpu else None
+        super().__init__(artifact, m, rank)
         self.num_layers = m.config.num_layers
         self.kv_shape = (int(m.kv_layout["kv_heads_local"]), m.max_seq, int(m.kv_layout["head_dim"]))
         self.vocab = m.config.vocab_size
         self.cuda_graph = self._wants_cuda_graph()
-        self.session = create_session(m.rank_file(self.artifact, rank), self.options, cuda=self._cuda_setup())
+        self.session = pending.result() if pending is not None else \
+            create_session(m.rank_file(self.artifact, rank), self.options, cuda=self._cuda_setup())
         self._decode_run = self._run_options(sync=False)
         self._check_io()
 
