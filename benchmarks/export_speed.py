@@ -99,17 +99,19 @@ def weight_bytes(folder: Path) -> int:
 
 
 def first_output(cmd: list[str], env: dict | None = None) -> dict:
-    """Seconds from starting `cmd` to its first byte on stdout (the first token), and the child's CPU seconds."""
+    """Seconds from starting `cmd` to its first byte on stdout (the first token), the child's CPU seconds and
+    its whole stdout."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     first = proc.stdout.read(1)
     seconds = time.perf_counter() - started
-    proc.stdout.read()
+    rest = proc.stdout.read()
     stderr = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if not first or os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {stderr.decode()[-2000:]}")
-    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "load_average": os.getloadavg()[0]}
+    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "load_average": os.getloadavg()[0],
+            "stdout": (first + rest).decode(errors="replace")[:200]}
 
 
 PROMPT = list(range(1, 9))
@@ -188,21 +190,27 @@ def main() -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     ttft: dict[str, list[dict]] = {}
+    ttft_first_tokens = None
     smol = args.work / "out-smollm2-135m"
     if "smollm2-135m" in models:
         env = cache_env(args.work / "cache" / "ttft", fresh=True)
         genai_folder = smol / "genai"
         if not (genai_folder / "genai_config.json").is_file():
             run_child(systems("smollm2-135m", folders["smollm2-135m"], smol)["ort-genai"])
-        for _ in range(args.rounds):  # the first auto fills the checksum cache (it hashes); later ones read it
+        ours = subprocess.run([sys.executable, "-m", "decodekit.tools.cli", "generate", str(smol / "dk"), "--ids",
+                               ",".join(map(str, PROMPT)), "--max-new-tokens", "1", "--json"], env=env,
+                              capture_output=True, text=True, check=True)
+        ttft_first_tokens = {"decodekit": json.loads(ours.stdout)["tokens"][0][0],  # the same greedy token?
+                             "onnxruntime-genai": int(genai_time_to_first_token(genai_folder)["stdout"].split()[0])}
+        for _ in range(args.rounds):  # `ours` filled the checksum cache: every auto run reads it
             for verify in ("always", "auto"):
                 ttft.setdefault(f"decodekit --verify {verify}", []).append(
                     time_to_first_token(smol / "dk", verify, env))
             ttft.setdefault("onnxruntime-genai", []).append(genai_time_to_first_token(genai_folder))
             print(json.dumps({k: v[-1] for k, v in ttft.items()}), flush=True)
     report = {"rounds": args.rounds, "machine": f"{os.cpu_count()} CPUs", "rows": rows, "summary": summarize(rows),
-              "generate_ttft": ttft, "generate_ttft_median_s": {k: statistics.median(x["seconds"] for x in v)
-                                                                for k, v in ttft.items()}}
+              "generate_ttft": ttft, "first_tokens": ttft_first_tokens,
+              "generate_ttft_median_s": {k: statistics.median(x["seconds"] for x in v) for k, v in ttft.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report["summary"], indent=2))
@@ -221,8 +229,10 @@ def summarize(rows: list[dict]) -> dict:
                      "median_load_average": statistics.median(r["load_average"] for r in rs),
                      "median_peak_rss_mb": statistics.median(r["peak_rss"] for r in rs) / 1e6} for s, rs in by.items()}
         if "decodekit" in by and "ort-genai" in by:
-            pairs = zip(sorted(by["decodekit"], key=lambda r: r["round"]), sorted(by["ort-genai"], key=lambda r: r["round"]))
-            entry["time_ratio_vs_genai"] = statistics.median(a["seconds"] / b["seconds"] for a, b in pairs)
+            genai = sorted(by["ort-genai"], key=lambda r: r["round"])
+            for ours, key in (("decodekit", "time_ratio_vs_genai"), ("decodekit (warm)", "warm_time_ratio_vs_genai")):
+                pairs = zip(sorted(by.get(ours, []), key=lambda r: r["round"]), genai)
+                entry[key] = statistics.median(a["seconds"] / b["seconds"] for a, b in pairs)
             entry["rss_over_rank_weights"] = statistics.median(r["peak_rss"] / r["rank_weight_bytes"] for r in by["decodekit"])
         out[model] = entry
     return out
