@@ -137,12 +137,11 @@ def atomic_folder(out: Path, force: bool, keep: Iterable[str | Path] = ()) -> It
     tmp = scratch_name(out, "partial")
     shutil.rmtree(tmp, ignore_errors=True)
     with sigterm_raises():
-        try:
-            tmp.mkdir(parents=True)
-        except OSError as e:
-            _discard(tmp, made)
-            raise ConfigError(f"cannot create {out}: {e.strerror or e}; choose another -o") from None
-        try:
+        try:  # a signal landing between mkdir's system call and its return is cleaned up too
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                raise ConfigError(f"cannot create {out}: {e.strerror or e}; choose another -o") from None
             yield tmp
             commit_output(tmp, out)
         except BaseException:
