@@ -15,8 +15,14 @@ medians of per-round ratios). Models:
   `python benchmarks/export_speed.py --models llama-3.1-8b --dtype fp16 --genai-ep cuda --rounds 1
   --out results/h200_export_speed_llama-3.1-8b.json`).
 
-Also measured: `decodekit generate` time to first token (process start to the first token on stdout) on the
-SmolLM2 fp32 artifact, with the checksum cache warm (--verify auto) and with every file hashed (--verify always).
+decodekit runs twice per model and round: "cold", with an empty cache folder (DECODEKIT_CACHE_DIR: nothing traced
+before), then "warm", with the folder the cold run filled (the step graph comes from the trace cache,
+export/trace_cache.py). Each row records the load average, since the machine is shared.
+
+Also measured, after the rounds: time to first token (process start to the first generated token on stdout) of
+`decodekit generate` on the SmolLM2 fp32 artifact, with the checksum cache warm (--verify auto) and with every file
+hashed (--verify always), beside onnxruntime-genai's first token (og.Model + Generator, in a fresh process) on the
+builder's output for the same Hugging Face folder; each with the child's CPU seconds (user + system).
 Needs: pip install onnxruntime-genai (CPU), transformers, gguf, accelerate, matplotlib (plot only).
 """
 
@@ -85,7 +91,7 @@ def make_hf_folders(work: Path, models: list[str], dtype: str) -> dict[str, Path
 
 
 def run_child(cmd: list[str], env: dict | None = None) -> dict:
-    """Wall seconds and peak RSS (bytes) of one child process (its own rusage, via os.wait4)."""
+    """Wall seconds, CPU seconds and peak RSS (bytes) of one child process (its own rusage, via os.wait4)."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     stderr = proc.stderr.read()
@@ -94,7 +100,8 @@ def run_child(cmd: list[str], env: dict | None = None) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {stderr.decode()[-2000:]}")
-    return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024}
+    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss": usage.ru_maxrss * 1024,
+            "load_average": os.getloadavg()[0]}
 
 
 def weight_bytes(folder: Path) -> int:
@@ -103,18 +110,45 @@ def weight_bytes(folder: Path) -> int:
     return max(r["onnx"]["bytes"] + sum(f["bytes"] for f in r["external_data"]) for r in manifest["ranks"])
 
 
-def time_to_first_token(artifact: Path, verify: str) -> float:
-    """Seconds from starting `decodekit generate` to its first generated token on stdout."""
-    cmd = [sys.executable, "-m", "decodekit.tools.cli", "generate", str(artifact), "--ids", "1,2,3,4,5,6,7,8",
-           "--max-new-tokens", "8", "--verify", verify]
+def first_output(cmd: list[str], env: dict | None = None) -> dict:
+    """Seconds from starting `cmd` to its first byte on stdout (the first token), the child's CPU seconds and
+    its whole stdout."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     first = proc.stdout.read(1)
     seconds = time.perf_counter() - started
-    proc.communicate()
-    if not first or proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode})")
-    return seconds
+    rest = proc.stdout.read()
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if not first or os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {stderr.decode()[-2000:]}")
+    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "load_average": os.getloadavg()[0],
+            "stdout": (first + rest).decode(errors="replace")[:200]}
+
+
+PROMPT = list(range(1, 9))
+GENAI_FIRST_TOKEN = """
+import sys
+import onnxruntime_genai as og
+model = og.Model(sys.argv[1])
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=len(sys.argv[2].split(",")) + 8, do_sample=False)
+generator = og.Generator(model, params)
+generator.append_tokens([int(t) for t in sys.argv[2].split(",")])
+generator.generate_next_token()
+print(int(generator.get_next_tokens()[0]), flush=True)
+"""
+
+
+def time_to_first_token(artifact: Path, verify: str, env: dict) -> dict:
+    """`decodekit generate` from process start to its first generated token on stdout."""
+    return first_output([sys.executable, "-m", "decodekit.tools.cli", "generate", str(artifact), "--ids",
+                         ",".join(map(str, PROMPT)), "--max-new-tokens", "8", "--verify", verify], env)
+
+
+def genai_time_to_first_token(folder: Path) -> dict:
+    """onnxruntime-genai's model (the builder's output folder) from process start to its first generated token."""
+    return first_output([sys.executable, "-c", GENAI_FIRST_TOKEN, str(folder), ",".join(map(str, PROMPT))])
 
 
 def systems(model: str, hf: Path, out: Path, dtype: str = "fp32", genai_ep: str = "cpu") -> dict[str, list[str]]:
@@ -129,6 +163,14 @@ def systems(model: str, hf: Path, out: Path, dtype: str = "fp32", genai_ep: str 
         runs["decodekit preset:tiny"] = [py, "-m", "decodekit.tools.cli", "export", "preset:tiny", "-o",
                                          str(out / "dk-preset"), "--force"]
     return runs
+
+
+def cache_env(folder: Path, fresh: bool) -> dict:
+    """The environment of a decodekit child whose user caches live in `folder` (emptied first when `fresh`)."""
+    if fresh:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    return dict(os.environ, DECODEKIT_CACHE_DIR=str(folder))
 
 
 def main() -> None:
@@ -150,23 +192,44 @@ def main() -> None:
             out = args.work / f"out-{model}"
             for system, cmd in systems(model, folders[model], out, args.dtype, args.genai_ep).items():
                 shutil.rmtree(out / "genai", ignore_errors=True)
-                m = run_child(cmd)
-                dk = out / ("dk-preset" if "preset" in system else "dk")
-                row = {"round": r, "model": model, "system": system, **m,
-                       "rank_weight_bytes": weight_bytes(dk) if system.startswith("decodekit") else None}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    ttft = {}
-    smol = args.work / "out-smollm2-135m" / "dk"
+                if not system.startswith("decodekit"):
+                    runs = [(system, None)]
+                else:  # cold: nothing traced before; warm: the cache the cold run filled
+                    cache = args.work / "cache" / system.replace(" ", "_").replace(":", "-")
+                    runs = [(system, cache_env(cache, fresh=True)), (f"{system} (warm)", cache_env(cache, False))]
+                for name, env in runs:
+                    m = run_child(cmd, env)
+                    dk = out / ("dk-preset" if "preset" in system else "dk")
+                    row = {"round": r, "model": model, "system": name, **m,
+                           "rank_weight_bytes": weight_bytes(dk) if system.startswith("decodekit") else None}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    ttft: dict[str, list[dict]] = {}
+    ttft_first_tokens = None
+    smol = args.work / "out-smollm2-135m"
     if "smollm2-135m" in models:
-        for verify in ("always", "auto", "auto"):  # the first auto may fill the cache; the second is warm
-            ttft.setdefault(verify, []).append(time_to_first_token(smol, verify))
+        env = cache_env(args.work / "cache" / "ttft", fresh=True)
+        genai_folder = smol / "genai"
+        if not (genai_folder / "genai_config.json").is_file():
+            run_child(systems("smollm2-135m", folders["smollm2-135m"], smol)["ort-genai"])
+        ours = subprocess.run([sys.executable, "-m", "decodekit.tools.cli", "generate", str(smol / "dk"), "--ids",
+                               ",".join(map(str, PROMPT)), "--max-new-tokens", "1", "--json"], env=env,
+                              capture_output=True, text=True, check=True)
+        ttft_first_tokens = {"decodekit": json.loads(ours.stdout)["tokens"][0][0],  # the same greedy token?
+                             "onnxruntime-genai": int(genai_time_to_first_token(genai_folder)["stdout"].split()[0])}
+        for _ in range(args.rounds):  # `ours` filled the checksum cache: every auto run reads it
+            for verify in ("always", "auto"):
+                ttft.setdefault(f"decodekit --verify {verify}", []).append(
+                    time_to_first_token(smol / "dk", verify, env))
+            ttft.setdefault("onnxruntime-genai", []).append(genai_time_to_first_token(genai_folder))
+            print(json.dumps({k: v[-1] for k, v in ttft.items()}), flush=True)
     report = {"rounds": args.rounds, "machine": f"{os.cpu_count()} CPUs", "dtype": args.dtype, "rows": rows, "summary": summarize(rows),
-              "generate_ttft_s": ttft}
+              "generate_ttft": ttft, "first_tokens": ttft_first_tokens,
+              "generate_ttft_median_s": {k: statistics.median(x["seconds"] for x in v) for k, v in ttft.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report["summary"], indent=2))
-    print("generate time to first token (s):", json.dumps(ttft))
+    print("time to first token, median s:", json.dumps(report["generate_ttft_median_s"]))
     if args.plot:
         plot(report, args.plot)
 
@@ -177,10 +240,14 @@ def summarize(rows: list[dict]) -> dict:
         mine = [r for r in rows if r["model"] == model]
         by = {s: [r for r in mine if r["system"] == s] for s in dict.fromkeys(r["system"] for r in mine)}
         entry = {s: {"median_s": statistics.median(r["seconds"] for r in rs),
+                     "median_cpu_s": statistics.median(r["cpu_seconds"] for r in rs),
+                     "median_load_average": statistics.median(r["load_average"] for r in rs),
                      "median_peak_rss_mb": statistics.median(r["peak_rss"] for r in rs) / 1e6} for s, rs in by.items()}
         if "decodekit" in by and "ort-genai" in by:
-            pairs = zip(sorted(by["decodekit"], key=lambda r: r["round"]), sorted(by["ort-genai"], key=lambda r: r["round"]))
-            entry["time_ratio_vs_genai"] = statistics.median(a["seconds"] / b["seconds"] for a, b in pairs)
+            genai = sorted(by["ort-genai"], key=lambda r: r["round"])
+            for ours, key in (("decodekit", "time_ratio_vs_genai"), ("decodekit (warm)", "warm_time_ratio_vs_genai")):
+                pairs = zip(sorted(by.get(ours, []), key=lambda r: r["round"]), genai)
+                entry[key] = statistics.median(a["seconds"] / b["seconds"] for a, b in pairs)
             entry["rss_over_rank_weights"] = statistics.median(r["peak_rss"] / r["rank_weight_bytes"] for r in by["decodekit"])
         out[model] = entry
     return out

@@ -9,15 +9,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import onnx
 import torch
-import onnx_ir as ir
-from onnx_ir import serde as ir_serde
 
 from ..dtypes import precision, tensor_name
-from ..graphs.replicate import LayerStructureError, replicate_layers, template_layers
 from . import verify_cache
 from .checkpoint import source_accounting, source_config
 from .config import ConfigError, ModelConfig
@@ -30,9 +27,12 @@ from .rope import static_table_note
 from .ops import ONNX_OPSET
 from .sharding import check_tp
 from .tokenizer import copy_tokenizer, write_tiny_tokenizer
-from .trace import trace
+from .trace_cache import cached_step_graph
 from .weights import (WeightSource, WeightSpec, bind_weights, open_source, prefetched, rank_weights, template_model,
                       weight_specs)
+
+if TYPE_CHECKING:  # onnx_ir, torch.onnx and graphs/ load when a trace is needed, not on a trace-cache hit
+    import onnx_ir as ir
 
 
 Progress = Callable[[str], None]
@@ -76,7 +76,7 @@ def export_artifact(source: str, out: str | Path, options: ExportOptions = Expor
     with atomic_folder(out, options.force, keep=[source]) as tmp:
         progress(f"loading {source} ({options.dtype}, {config.num_parameters() / 1e6:.1f}M parameters)")
         weights = open_source(source, config, options.dtype, options.seed)
-        skeleton, specs = step_graph(config, options, progress)
+        skeleton, specs = cached_step_graph(config, options, lambda: step_graph(config, options, progress), progress)
         ranks = _write_ranks(skeleton, specs, weights, config, options, tmp, progress, written)
         tokenizer = _tokenizer(source, config, tmp)
         manifest = Manifest(
@@ -104,6 +104,8 @@ def step_graph(config: ModelConfig, options: ExportOptions, progress: Progress =
     kind (sliding window or not, local or global RoPE). Every rank has this graph; only weights differ.
     Should the traced graph not show the repeated block (a torch.onnx without module-scope metadata), or the
     layers have more kinds than a template shows, all layers are traced instead."""
+    from ..graphs.replicate import LayerStructureError, replicate_layers, template_layers
+
     L = config.num_layers
     kinds = [config.layer_kind(i, options.max_seq) for i in range(L)]
     chosen = template_layers(kinds)
@@ -122,12 +124,16 @@ def step_graph(config: ModelConfig, options: ExportOptions, progress: Progress =
 
 
 def _serialized(model: ir.Model) -> tuple[onnx.ModelProto, list[WeightSpec]]:
+    from onnx_ir import serde as ir_serde
+
     return ir_serde.serialize_model(model), weight_specs(model.graph)
 
 
 def _traced(config: ModelConfig, options: ExportOptions, layers: list[int]) -> ir.Model:
     """A trace of config's `layers` (named layers 0..n-1) with random distinct weights, its initializers bound
     to parameter names."""
+    from .trace import trace
+
     template = template_model(config, layers, options.dtype, options.max_seq, options.tp)
     program = trace(template, options.max_batch, options.max_seq, options.logits)
     model = program.model

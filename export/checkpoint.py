@@ -13,6 +13,7 @@ from ..dtypes import precision
 from ..errors import CheckpointError  # noqa: F401 - re-exported
 from .config import FAMILIES, Accounting, ConfigError, ModelConfig, account, load_hf_config, preset, read_hf_config
 from .gguf import gguf_accounting, gguf_config, is_gguf, load_gguf
+from .meta import meta_device
 from .model import Decoder
 
 
@@ -126,7 +127,7 @@ def load_hf(folder: str | Path, dtype: str = "fp32", rope_positions: int | None 
 
 
 def _empty(config: ModelConfig, dtype: str, rope_positions: int | None) -> Decoder:
-    with torch.device("meta"):
+    with meta_device():
         model = Decoder(config, rope_positions)
     model = model.to_empty(device="cpu").to(precision(dtype).torch)
     if config.tie_word_embeddings:
@@ -147,7 +148,7 @@ def random_model(config: ModelConfig, dtype: str = "fp32", seed: int = 0, rope_p
 
 def random_parameters(config: ModelConfig, dtype: str = "fp32", seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """random_model's parameters one at a time, in named_parameters order (the exporter streams them)."""
-    with torch.device("meta"):
+    with meta_device():
         shapes = [(name, p.shape) for name, p in Decoder(config).named_parameters()]
     gen = torch.Generator().manual_seed(seed)
     for name, shape in shapes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,23 @@ class GgufFile:
                                   f"decodekit dequantizes {', '.join(SUPPORTED_TYPES)}")
 
 
+def open_gguf(path: str | Path) -> GgufFile:
+    """The GgufFile of `path`, parsed once per process while the file is unchanged: GGUFReader parses every metadata
+    field (the tokenizer's 49k tokens and merges: ~1.7 s of CPU for SmolLM2's file), and one export reads the
+    config, the field accounting, the weights and the tokenizer from the same file."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return GgufFile(path)  # its own one-line error
+    return _open_gguf(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@lru_cache(maxsize=2)
+def _open_gguf(path: str, size: int, mtime_ns: int, inode: int) -> GgufFile:
+    return GgufFile(path)
+
+
 def hf_config_dict(gguf: GgufFile) -> dict[str, Any]:
     """The config.json dict Hugging Face would write for this GGUF."""
     arch = gguf.arch
@@ -208,7 +226,7 @@ class GgufWeights:
         from ..dtypes import precision
         from .checkpoint import hf_name_map
 
-        self.gguf = GgufFile(path)
+        self.gguf = open_gguf(path)
         self.gguf.check_types()
         self.heads = _heads(hf_config_dict(self.gguf))
         self.dtype = precision(dtype).torch
@@ -237,14 +255,14 @@ def gguf_accounting(path: str | Path) -> Any:
     """How the GGUF's metadata, read as a config.json, was accounted for (export/config.py account)."""
     from .config import account
 
-    return account(hf_config_dict(GgufFile(path)))
+    return account(hf_config_dict(open_gguf(path)))
 
 
 def gguf_config(path: str | Path):
     """The ModelConfig of a GGUF file (metadata only)."""
     from .config import from_hf_config
 
-    return from_hf_config(hf_config_dict(GgufFile(path)))
+    return from_hf_config(hf_config_dict(open_gguf(path)))
 
 
 def load_gguf(path: str | Path, dtype: str = "fp32", rope_positions: int | None = None):
@@ -254,7 +272,7 @@ def load_gguf(path: str | Path, dtype: str = "fp32", rope_positions: int | None 
     from .checkpoint import _empty, hf_name_map
     from .config import from_hf_config
 
-    gguf = GgufFile(path)
+    gguf = open_gguf(path)
     hf = hf_config_dict(gguf)
     config = from_hf_config(hf)
     model = _empty(config, dtype, rope_positions)
@@ -280,7 +298,7 @@ def transformers_model(path: str | Path):
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    GgufFile(path).arch  # refuse unsupported architectures with decodekit's one-line message
+    open_gguf(path).arch  # refuse unsupported architectures with decodekit's one-line message
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32").eval()
 
 

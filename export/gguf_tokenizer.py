@@ -13,7 +13,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .gguf import GgufFile
+from .gguf import GgufFile, open_gguf
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -97,7 +97,7 @@ def tokenizer_config(gguf: GgufFile) -> dict:
 
 def write_gguf_tokenizer(path: str | Path, out: Path) -> list[str]:
     """Write tokenizer.json and tokenizer_config.json into ``out``; [] when the tokenizer model is not rebuilt."""
-    gguf = GgufFile(path)
+    gguf = open_gguf(path)
     tok = build_tokenizer(gguf)
     if tok is None:
         return []

@@ -122,10 +122,15 @@ def inv_frequencies(config: ModelConfig, positions: int) -> tuple[torch.Tensor, 
 
 
 def cos_sin_tables(config: ModelConfig, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [positions, rotary_dim/2] in fp32, the attention factor applied (as transformers does)."""
-    inv_freq, attention = inv_frequencies(config, positions)
-    freqs_PR2 = torch.arange(positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-    return freqs_PR2.cos() * attention, freqs_PR2.sin() * attention
+    """cos and sin tables [positions, rotary_dim/2] in fp32, the attention factor applied (as transformers does),
+    on the default device but computed on the CPU (the same numbers everywhere; on the meta device torch would run
+    these ops through Python decompositions, whose first use imports torch._dynamo: most of an export that traces
+    nothing)."""
+    device = torch.get_default_device()
+    with torch.device("cpu"):
+        inv_freq, attention = inv_frequencies(config, positions)
+        freqs_PR2 = torch.arange(positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+        return (freqs_PR2.cos() * attention).to(device), (freqs_PR2.sin() * attention).to(device)
 
 
 def static_table_note(config: ModelConfig, positions: int) -> str | None:

@@ -7,7 +7,8 @@ rank again for all ranks' files). This module makes that check cheap without mak
 - in one process, a file whose identity (size, mtime_ns, ctime_ns, inode, device) has not changed since it
   was hashed is not hashed again;
 - across processes (mode "auto", the default), verified files are remembered in a small JSON cache,
-  ``$XDG_CACHE_HOME/decodekit/verified.json`` (else ``~/.cache/decodekit/verified.json``), keyed by absolute
+  ``verified.json`` in the user cache folder (export/user_cache.py: ``$DECODEKIT_CACHE_DIR``, else
+  ``$XDG_CACHE_HOME/decodekit``, else ``~/.cache/decodekit``), keyed by absolute
   path, holding that identity and the sha256; a file that changed in any of those is hashed again. The
   cache is written atomically; an unreadable or malformed cache is ignored (and rewritten), never fatal;
 - "always" ignores the cross-process cache (files are hashed once per process), "never" skips the hash
@@ -23,6 +24,8 @@ import json
 import os
 import threading
 from pathlib import Path
+
+from .user_cache import cache_dir, write_atomically
 
 MODES = ("always", "auto", "never")
 ENV = "DECODEKIT_VERIFY"
@@ -50,8 +53,7 @@ def mode() -> str:
 
 
 def cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "decodekit" / "verified.json"
+    return cache_dir() / "verified.json"
 
 
 def matches(path: str | Path, sha256: str) -> bool:
@@ -121,13 +123,4 @@ def _write_entry(key: str, ident: tuple[int, ...], sha256: str) -> None:
     files.pop(key, None)
     files[key] = {"identity": list(ident), "sha256": sha256}
     files = {k: v for k, v in list(files.items())[-MAX_ENTRIES:] if k == key or os.path.exists(k)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"format": "decodekit-verified", "version": 1, "files": files}))
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+    write_atomically(path, json.dumps({"format": "decodekit-verified", "version": 1, "files": files}).encode())

@@ -20,11 +20,10 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol, TypeVar
+from typing import TYPE_CHECKING, Iterable, Iterator, Protocol, TypeVar
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import torch
 
 from ..dtypes import DTYPES, from_safetensors, precision
@@ -33,6 +32,10 @@ from .checkpoint import (CheckpointError, _empty, _safetensors_files, from_check
 from .config import ModelConfig
 from .model import Decoder, DecoderLayer
 from .sharding import shard
+from .meta import meta_device
+
+if TYPE_CHECKING:  # annotations only: onnx_ir loads with the tracer, not on a trace-cache hit
+    import onnx_ir as ir
 
 _LAYER_PARAM = re.compile(r"^layers\.(\d+)\.(.+)$")
 TRANSPOSED = ".T"
@@ -167,7 +170,7 @@ class SafetensorsWeights:
 
     def __init__(self, folder: Path, config: ModelConfig, dtype: str) -> None:
         self.config, self.dtype = config, precision(dtype).torch
-        with torch.device("meta"):
+        with meta_device():
             self.shapes = {n: tuple(p.shape) for n, p in Decoder(config).named_parameters()}
         expected, self.fused = hf_name_map(config), fused_tensors(config)
         self.where: dict[str, tuple[Path, str, dict]] = {}
@@ -246,7 +249,7 @@ def rank_weights(refs: list[WeightRef], source: WeightSource, config: ModelConfi
     """Each weight reference with its tensor for every rank (index = rank), in the model's parameter order.
 
     Each source tensor is read once (a layer at a time under tensor parallelism, sliced for all ranks)."""
-    with torch.device("meta"):
+    with meta_device():
         order = {name: i for i, (name, _) in enumerate(Decoder(config).named_parameters())}
     groups: list[tuple[int | None, list[WeightRef]]] = []
     for r in sorted(refs, key=lambda r: (order[r.param], r.transpose)):
@@ -322,12 +325,12 @@ def _as_stored(t: torch.Tensor, transpose: bool) -> torch.Tensor:
 
 def _sharded_layer(source: WeightSource, config: ModelConfig, i: int, tp: int) -> list[dict[str, torch.Tensor]]:
     """Layer i's parameters for every rank, sliced by export/sharding.py (applied to this one layer)."""
-    with torch.device("meta"):
+    with meta_device():
         names = [n for n, _ in DecoderLayer(config).named_parameters()]
     full = {n: source.get(f"layers.{i}.{n}") for n in names}
     ranks = []
     for rank in range(tp):
-        with torch.device("meta"):
+        with meta_device():
             holder = Decoder(_one_layer(config))
         holder.layers[0].load_state_dict(full, assign=True, strict=True)
         shard(holder, rank, tp)

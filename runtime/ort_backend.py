@@ -23,8 +23,9 @@ from typing import Any, Literal
 import numpy as np
 
 from ..dtypes import PRECISIONS, precision
-from ..export.manifest import Manifest
-from .backend import Backend, BackendError, StepState, register
+from ..export.manifest import Manifest, read_manifest
+from .backend import Backend, BackendError, StepState, register, resolve_options
+from .background import Background
 from .iobinding import bind_tensor
 
 from ..export.names import STEP_INPUTS, past_names, present_names  # noqa: F401 - re-exported
@@ -77,6 +78,16 @@ class OrtBackend(Backend):
     options: OrtOptions
     tp1_only = "run it with `decodekit launch {artifact}` (one process per rank)"
 
+    def __init__(self, artifact: str | Path, options: OrtOptions | None = None, *, manifest: Manifest | None = None,
+                 rank: int = 0, **overrides: Any) -> None:
+        # CPU: ONNX Runtime loads and optimizes the graph without the GIL while Backend.__init__ imports torch
+        options = resolve_options(OrtOptions, options, overrides, "ort")
+        manifest = manifest or read_manifest(artifact)
+        self._pending: Background | None = None
+        if options.device == "cpu" and manifest.tp == 1 and manifest.dtype in PRECISIONS:
+            self._pending = Background(create_session, manifest.rank_file(artifact, rank), options)
+        super().__init__(artifact, options, manifest=manifest, rank=rank)
+
     def _setup(self) -> None:
         m = self.manifest
         if m.dtype not in PRECISIONS:
@@ -85,7 +96,9 @@ class OrtBackend(Backend):
         self.kv_shape = (int(m.kv_layout["kv_heads_local"]), m.max_seq, int(m.kv_layout["head_dim"]))
         self.vocab = m.config.vocab_size
         self.cuda_graph = self._wants_cuda_graph()
-        self.session = create_session(m.rank_file(self.artifact, self.rank), self.options, cuda=self._cuda_setup())
+        pending, self._pending = self._pending, None
+        self.session = pending.result() if pending is not None else \
+            create_session(m.rank_file(self.artifact, self.rank), self.options, cuda=self._cuda_setup())
         self._decode_run = self._run_options(sync=False)
         self._check_io()
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +17,29 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 from helpers import FAMILIES, build_hf_checkpoint  # noqa: E402
+
+_CACHE_ENV = ("XDG_CACHE_HOME", "DECODEKIT_CACHE_DIR")
+_saved_env: dict[str, str | None] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """decodekit's user caches (verified checksums, traced step graphs: export/user_cache.py) in a folder of this
+    session's own, for the suite and the CLI processes it starts: every run starts cold, as on a clean machine,
+    and leaves the user's ~/.cache alone."""
+    for name in _CACHE_ENV:
+        _saved_env[name] = os.environ.pop(name, None)
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="decodekit-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = os.environ.get("XDG_CACHE_HOME")
+    if folder and Path(folder).name.startswith("decodekit-test-cache-"):
+        shutil.rmtree(folder, ignore_errors=True)
+    for name, value in _saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

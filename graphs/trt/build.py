@@ -12,7 +12,6 @@ temporary name and renamed into place, so a failed build leaves nothing at OUT.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -25,6 +24,7 @@ import onnx
 from ...export.folders import atomic_folder
 from ...export.config import ConfigError
 from ...export.manifest import Manifest, file_entry, read_manifest, write_manifest
+from ...export.user_cache import cache_dir
 from ...errors import EngineBuildError  # noqa: F401 - re-exported
 from . import api
 from .profiles import PROFILE_SETS, Profile, add_profiles, plan_profiles
@@ -79,8 +79,7 @@ class RankBuild:
 
 
 def default_timing_cache(t: api.TRT) -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "decodekit" / f"timing-{t.flavour}-{t.version}.cache"
+    return cache_dir() / f"timing-{t.flavour}-{t.version}.cache"
 
 
 def build_engines(artifact: str | Path, out: str | Path, options: BuildOptions = BuildOptions(),

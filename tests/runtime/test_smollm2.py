@@ -20,6 +20,10 @@ from decodekit.runtime.pipeline import open_backend
 from decodekit.runtime.stopping import GenerationError
 from decodekit.runtime.tokenizer import Tokenizer, generation_eos_ids
 
+# transformers' oracle runs torch eagerly: two intra-op threads on this shared 2-core machine were 10x slower than one
+# (1.5-1.9 s against 0.18 s per token, load average 7), which made this module most of the suite's time
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NEW = 64
 PROMPTS = ["Once upon a time, in a small village by the sea,", "The three primary colors are"]
 

@@ -307,12 +307,15 @@ def _wait_for(found: Callable[[], list[Path]], proc: subprocess.Popen, timeout: 
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted (SIGINT)"),
                                              (signal.SIGTERM, 143, "terminated (signal 15)")],
                          ids=["SIGINT", "SIGTERM"])
-def test_signal_mid_export_leaves_nothing(tmp_path: Path, sig: int, code: int, said: str) -> None:
+def test_signal_mid_export_leaves_nothing(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, sig: int,
+                                         code: int, said: str) -> None:
     """The export made two parent folders and its partial folder; the signal removes all three."""
     out = tmp_path / "made" / "for it" / "out"
+    # an empty trace cache (export/trace_cache.py): the export traces for seconds, so the signal lands mid-export
+    env = {**ENV, "DECODEKIT_CACHE_DIR": str(tmp_path_factory.mktemp("cold-cache"))}
     # a background job of a non-interactive shell inherits SIGINT ignored: give the command Python's default
     proc = subprocess.Popen([*CLI, "export", "preset:tiny", "-o", str(out), "--max-seq", "32"], cwd=tmp_path,
-                            env=ENV, stderr=subprocess.PIPE, text=True,
+                            env=env, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for(lambda: list(out.parent.glob(".out.partial-*")) if out.parent.is_dir() else [], proc)
     proc.send_signal(sig)
