@@ -70,12 +70,17 @@ def test_bad_checkpoint_is_refused_and_nothing_written(hf_checkpoint, tmp_path, 
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
+def _matmul_skeleton(m: int, k: int, n: int) -> onnx.ModelProto:
+    """y = x @ W with x [m, k] an input and W [k, n] a weight the writer appends."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [m, k])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [m, n])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "W"], ["y"])], "g", [x], [y])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 24)])
+
+
 def test_writer_output_is_valid_onnx_inline_and_external(tmp_path):
     """The graph followed by appended initializer records loads as one model; external data lands in NAME.data."""
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])
-    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "W"], ["y"])], "g", [x], [y])
-    skeleton = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 24)])
+    skeleton = _matmul_skeleton(2, 3, 4)
     w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     for external in (False, True):
         path = tmp_path / f"m{int(external)}.onnx"
@@ -97,10 +102,7 @@ def test_writer_output_is_valid_onnx_inline_and_external(tmp_path):
 
 def test_writer_hashes_large_tensors_while_writing_them(tmp_path):
     """Tensors over the overlap threshold are hashed on a second thread: the recorded sha256 is still the file's."""
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1024])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 512])
-    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "W"], ["y"])], "g", [x], [y])
-    skeleton = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 24)])
+    skeleton = _matmul_skeleton(1, 1024, 512)
     w = torch.randn(1024, 512, generator=torch.Generator().manual_seed(0))  # 2 MiB
     for external in (False, True):
         path = tmp_path / f"big{int(external)}.onnx"
