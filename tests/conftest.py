@@ -43,6 +43,31 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
+def hf_artifact(hf_checkpoint, exported, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, Path]]:
+    """Factory: ``hf_artifact(family, dialect, max_seq, max_batch, **config overrides) -> (transformers folder,
+    artifact)``: a random checkpoint of transformers' own class, exported once and optimized once per dialect."""
+    import json
+
+    from decodekit.graphs.pipeline import optimize
+
+    made: dict[tuple, tuple[Path, Path]] = {}
+
+    def get(family: str, dialect: str, max_seq: int, max_batch: int, **overrides) -> tuple[Path, Path]:
+        key = (family, dialect, max_seq, max_batch, json.dumps(overrides, sort_keys=True))
+        if key not in made:
+            src = hf_checkpoint(family, **overrides)
+            art = exported(str(src), max_seq=max_seq, max_batch=max_batch)
+            if dialect != "std":
+                out = tmp_path_factory.mktemp(f"{family}-{dialect}") / "a"
+                optimize(art, out, dialect)
+                art = out
+            made[key] = (src, art)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """Factory: ``hf_checkpoint("llama", **config_overrides) -> Path`` of a seeded random transformers checkpoint.
 

@@ -54,22 +54,12 @@ DIALECTS = ("std", "ort-gqa")
 
 
 @pytest.fixture(scope="module")
-def artifact(hf_checkpoint, exported, tmp_path_factory):
+def artifact(hf_artifact):
     """(case, dialect) -> (checkpoint folder, artifact folder); one export and one optimize each per session."""
-    from decodekit.graphs.pipeline import optimize
-
-    made: dict[tuple[str, str], tuple[Path, Path]] = {}
 
     def get(case: str, dialect: str) -> tuple[Path, Path]:
-        if (case, dialect) not in made:
-            family, overrides, _ = CASES[case]
-            src = hf_checkpoint(family, **overrides)
-            out = exported(str(src), max_seq=MAX_SEQ, max_batch=1)
-            if dialect != "std":
-                std, out = out, tmp_path_factory.mktemp(f"{case}-{dialect}") / "a"
-                optimize(std, out, dialect)
-            made[case, dialect] = src, out
-        return made[case, dialect]
+        family, overrides, _ = CASES[case]
+        return hf_artifact(family, dialect, MAX_SEQ, 1, **overrides)
 
     return get
 

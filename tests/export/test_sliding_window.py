@@ -40,23 +40,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def artifact(hf_checkpoint, exported, tmp_path_factory):
+def artifact(hf_artifact):
     """(model id, dialect) -> (transformers folder, artifact); one export per model, one optimize per dialect."""
-    from decodekit.graphs.pipeline import optimize
-
-    cache: dict[tuple[str, str], tuple[Path, Path]] = {}
 
     def get(name: str, dialect: str) -> tuple[Path, Path]:
-        if (name, dialect) not in cache:
-            family, overrides, _ = MODELS[name]
-            src = hf_checkpoint(family, **overrides)
-            art = exported(str(src), max_seq=MAX_SEQ, max_batch=2)
-            if dialect != "std":
-                out = tmp_path_factory.mktemp(f"{name}-{dialect}") / "a"
-                optimize(art, out, dialect)
-                art = out
-            cache[name, dialect] = (src, art)
-        return cache[name, dialect]
+        family, overrides, _ = MODELS[name]
+        return hf_artifact(family, dialect, MAX_SEQ, 2, **overrides)
 
     return get
 
