@@ -222,8 +222,8 @@ def main() -> None:
     artifact = build(args)
     options = {"intra_op_threads": args.threads} if args.device == "cpu" else {}
     backend = OrtBackend(artifact, device=args.device, **options)  # fixed batches: as `decodekit generate` runs
-    # continuous: as `decodekit serve` runs (on CUDA its shared step is not captured: README "Known limits")
-    serving = OrtBackend(artifact, device="cuda", cuda_graph=False) if args.device == "cuda" else backend
+    # continuous: as `decodekit serve` runs (on CUDA a session of its own, its shared step captured as one graph)
+    serving = OrtBackend(artifact, device="cuda") if args.device == "cuda" else backend
     m = backend.manifest
     reqs = workload(args.requests, args.seed, m.config.vocab_size, equal=not m.allows("mixed_lengths"))
     doc = {"model": args.model, "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),

@@ -38,9 +38,24 @@ CHECKSUM = "manifest_sha256"
 CAPABILITIES = {
     "mixed_lengths": "prompts of different lengths prefill together in one right-padded batch",
     "cache_append": "multi-token steps into a cache that already holds tokens (a chat turn appended to the history)",
-    "host_free_decode": "a one-token step reads no value on the host, so the whole step can be captured as a CUDA graph",
+    "host_free_decode": "a one-token step reads no value on the host, so the whole step can be captured as a CUDA graph "
+                        "(written False where onnxruntime-gpu would run some node on the CPU: CUDA_PRECISIONS)",
 }
 STD_CAPABILITIES = {"mixed_lengths": True, "cache_append": True, "host_free_decode": False}
+# The precisions at which onnxruntime-gpu has a CUDA kernel for every op of a dialect (a dialect not listed: all).
+# Outside them ORT places nodes on the CPU under the CUDA provider and copies to the host inside the step, which no
+# CUDA graph can hold: GroupQueryAttention's CUDA kernels are fp16/bf16 only (measured on the H200, onnxruntime-gpu
+# 1.31: an fp32 ort-gqa-static session puts both GQA nodes of preset:tiny on the CPU behind MemcpyToHost nodes, and
+# capturing its step fails with CUDA error 907, cudaEventSynchronize inside the capture).
+CUDA_PRECISIONS: dict[str, tuple[str, ...]] = {
+    d: ("fp16", "bf16") for d in ("ort-gqa", "ort-gqa-uniform", "ort-gqa-static")}
+
+
+def cuda_resident(dialect: str, dtype: str) -> bool:
+    """Whether onnxruntime-gpu runs every node of a ``dialect`` graph at ``dtype`` on the GPU (CUDA_PRECISIONS)."""
+    return dtype in CUDA_PRECISIONS.get(dialect, (dtype,))
+
+
 # artifacts written before manifests recorded capabilities
 LEGACY_CAPABILITIES = {
     "std": STD_CAPABILITIES, "decomposed": STD_CAPABILITIES, "ort-gqa": STD_CAPABILITIES,
@@ -118,6 +133,10 @@ class Manifest:
             raise KeyError(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
         caps = self.capabilities or LEGACY_CAPABILITIES.get(self.dialect, {})
         return bool(caps.get(capability, False))
+
+    def cuda_resident(self) -> bool:
+        """Whether onnxruntime-gpu runs every node of this artifact on the GPU (CUDA_PRECISIONS)."""
+        return cuda_resident(self.dialect, self.dtype)
 
     def rank_file(self, folder: Path, rank: int = 0) -> Path:
         return Path(folder) / self.ranks[rank].onnx.file

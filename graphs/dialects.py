@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..export.config import ConfigError
-from ..export.manifest import STD_CAPABILITIES
+from ..export.manifest import STD_CAPABILITIES, cuda_resident
 from .passes.base import ReportingPass
 from .passes.lower_decomposed import LowerDecomposedPass
 from .passes.lower_ort_gqa import LowerOrtGqaPass
@@ -36,6 +36,14 @@ class Dialect:
     # the precision pass asks Attention for an fp32 softmax (softmax_precision) in fp16/bf16 graphs: not where the
     # Attention nodes go to TensorRT, which refuses the attribute
     fp32_softmax_attr: bool = True
+
+    def capabilities_at(self, dtype: str) -> dict[str, bool]:
+        """What a graph of this dialect at ``dtype`` allows its runtime: no host-free decode step where
+        onnxruntime-gpu runs some node on the CPU (export/manifest.py CUDA_PRECISIONS)."""
+        caps = dict(self.capabilities)
+        if not cuda_resident(self.name, dtype):
+            caps["host_free_decode"] = False
+        return caps
 
 
 DIALECTS: dict[str, Dialect] = {

@@ -164,7 +164,7 @@ def _manifest(m: Manifest, model: ir.Model, dialect: Dialect, dtype: str | None,
     return dataclasses.replace(
         m, dialect=dialect.name, dtype=dtype or m.dtype, opset=model.opset_imports[""], ranks=ranks,
         inputs=_specs(model.graph.inputs), outputs=_specs(model.graph.outputs),
-        kv_layout={**m.kv_layout, "write": dialect.kv_write}, capabilities=dict(dialect.capabilities),
+        kv_layout={**m.kv_layout, "write": dialect.kv_write}, capabilities=dialect.capabilities_at(dtype or m.dtype),
         passes=[{"rank": r["rank"], **p} for r in reports for p in r["passes"]])
 
 

@@ -9,13 +9,15 @@ address once, so ``run_decode`` reads what the decode loop wrote on the device a
 CUDA: ONNX Runtime runs on a torch stream of its own (provider option user_compute_stream), on which the
 decode loop also samples and advances the inputs; decode runs skip ORT's end-of-run host wait (run option
 disable_synchronize_execution_providers), so the host never waits for a step it does not read. Where the
-artifact's dialect reads no value on the host (capability ``host_free_decode``), the decode loop captures the
+artifact's dialect reads no value on the host (capability ``host_free_decode``; not where onnxruntime-gpu runs a
+node on the CPU, e.g. GroupQueryAttention in fp32: export/manifest.py CUDA_PRECISIONS), the decode loop captures the
 whole step (this run, the sampler, the input advance) as one torch CUDA graph (runtime/decode_step.py);
 ORT's own graph mode is not used.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -103,11 +105,23 @@ class OrtBackend(Backend):
         self._check_io()
 
     def _wants_cuda_graph(self) -> bool:
-        safe = self.manifest.allows("host_free_decode")
-        if self.options.device != "cuda" or self.options.cuda_graph is False:
+        m = self.manifest
+        if self.options.device != "cuda":
             return False
+        resident = m.cuda_resident()
+        if not resident:
+            warnings.warn(f"{self.artifact}: onnxruntime-gpu has no {m.dtype} CUDA kernel for GroupQueryAttention, so "
+                          f"this {m.dialect} artifact runs it on the CPU and copies to the host every step; "
+                          f"re-optimize with --dtype fp16 (or bf16) for a step that stays on the GPU", stacklevel=4)
+        if self.options.cuda_graph is False:
+            return False
+        if self.options.cuda_graph and not resident:
+            raise BackendError(f"{self.artifact}: a {m.dtype} {m.dialect} step runs GroupQueryAttention on the CPU "
+                               f"(onnxruntime-gpu has fp16/bf16 kernels only), so it cannot be captured as a CUDA "
+                               f"graph; re-optimize with --dtype fp16 or run without cuda_graph")
+        safe = m.allows("host_free_decode") and resident
         if self.options.cuda_graph and not safe:
-            raise BackendError(f"{self.artifact}: the {self.manifest.dialect} dialect reads lengths on the host "
+            raise BackendError(f"{self.artifact}: the {m.dialect} dialect reads lengths on the host "
                                f"every decode step, so a captured CUDA graph would replay stale lengths; "
                                f"re-optimize with --dialect ort-gqa-static or run without cuda_graph")
         return safe

@@ -68,10 +68,8 @@ def build_server(artifact: str | Path, device: str = "cpu", max_queue: int = 64,
 
     if device == "cpu":
         torch.set_num_threads(1)  # per-row sampling on [1, V] rows: one thread (see runtime/decode_step.py)
-    # cuda: the shared step runs uncaptured. Capturing it while side prefills use the same session fails on
-    # onnxruntime-gpu 1.31 (CUDA error 907, an event synchronized inside the capture; README "Known limits")
-    options = {"cuda_graph": False} if device == "cuda" else {}
-    backend = open_backend(artifact, "ort", device=device, intra_op_threads=threads, **options)
+    # cuda: the shared step is one captured CUDA graph where the artifact allows it (fp16/bf16 ort-gqa-static)
+    backend = open_backend(artifact, "ort", device=device, intra_op_threads=threads)
     try:
         scheduler = Scheduler(backend, SchedulerConfig(max_queue=max_queue, prefill_chunk=prefill_chunk, slots=slots),
                               Tokenizer.from_artifact(backend.artifact, backend.manifest))

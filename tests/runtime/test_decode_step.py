@@ -54,6 +54,17 @@ def test_capabilities_come_from_the_manifest(artifacts):
         std.allows("warp_drive")
 
 
+def test_no_host_free_step_where_ort_gpu_runs_gqa_on_the_cpu(artifacts, tmp_path):
+    """onnxruntime-gpu has fp16/bf16 GroupQueryAttention kernels only: an fp32 ort-gqa-static artifact records
+    host_free_decode False (its CUDA step would copy to the host), the fp16 one True."""
+    from decodekit.export.manifest import read_manifest
+
+    fp32, _ = optimize(artifacts["std"], tmp_path / "fp32", "ort-gqa-static")
+    assert fp32.dtype == "fp32" and not fp32.cuda_resident() and not fp32.allows("host_free_decode")
+    fp16 = read_manifest(artifacts["ort-gqa-static"])
+    assert fp16.cuda_resident() and fp16.allows("host_free_decode")
+
+
 @pytest.mark.gpu
 def test_graph_refused_where_lengths_are_read_on_the_host(artifacts):
     _need_gpu()

@@ -172,26 +172,42 @@ def test_reading_tokens_one_step_behind_as_on_cuda(backend) -> None:
         assert r.token_ids == _alone(backend, p, n, seeded if i % 3 == 0 else GREEDY), i
 
 
-def _cuda_static(optimized):
+def _need_cuda() -> None:
     import onnxruntime as ort
     import torch
 
     if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
         pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
-    return optimized("ort-gqa-static").artifact
+
+
+@pytest.fixture(scope="module")
+def cuda_fp16(exported, tmp_path_factory):
+    """preset:tiny as fp16 ort-gqa-static: the precision at which onnxruntime-gpu runs GroupQueryAttention on the
+    GPU, so the scheduler's step can be captured (fp32 runs it on the CPU: export/manifest.py CUDA_PRECISIONS)."""
+    from decodekit.graphs.pipeline import optimize
+
+    _need_cuda()
+    out = tmp_path_factory.mktemp("fp16-static") / "artifact"
+    optimize(exported("preset:tiny"), out, "ort-gqa-static", dtype="fp16")
+    return out
 
 
 @pytest.mark.gpu
 def test_cuda_scheduler_answers_as_each_request_alone(optimized) -> None:
-    """What `decodekit serve --device cuda` runs: ort-gqa-static on CUDA, the shared step uncaptured, 10 requests
-    (one seeded) joining and leaving 3 slots; each answer equals generating that request alone on the same GPU."""
+    """fp32 ort-gqa-static on CUDA (GroupQueryAttention on the CPU: the step is not captured, with a warning),
+    10 requests (one seeded) joining and leaving 3 slots; each answer equals generating that request alone on the
+    same GPU."""
     from decodekit.runtime.ort_backend import OrtBackend
 
-    art = _cuda_static(optimized)
+    _need_cuda()
+    art = optimized("ort-gqa-static").artifact
     prompts = _prompts(10, seed=21)
     seeded = SamplingConfig(temperature=0.8, top_k=20, seed=7, logprobs=False)
     sampling = [seeded if i == 4 else GREEDY for i in range(10)]
-    with OrtBackend(art, device="cuda", cuda_graph=False) as b, Scheduler(b, SchedulerConfig(slots=3)) as sched:
+    with pytest.warns(UserWarning, match="GroupQueryAttention"):
+        b = OrtBackend(art, device="cuda")
+    with b, Scheduler(b, SchedulerConfig(slots=3)) as sched:
+        assert not b.cuda_graph
         streams = [sched.submit(Request(tuple(p), 5 + i, sampling[i], eos_ids=())) for i, p in enumerate(prompts)]
         results = [s.result() for s in streams]
         assert sched.failure is None and not sched.step.captured
@@ -200,21 +216,36 @@ def test_cuda_scheduler_answers_as_each_request_alone(optimized) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="known bug: capturing the scheduler's step on onnxruntime-gpu 1.31 fails with "
-                   "CUDA error 907 (an event synchronized inside the capture), so serve runs it uncaptured")
-def test_cuda_scheduler_replays_one_captured_step_as_requests_come_and_go(optimized) -> None:
-    """The goal: the shared step captured once and replayed while requests join and leave, answers unchanged."""
+def test_cuda_scheduler_replays_one_captured_step_as_requests_come_and_go(cuda_fp16) -> None:
+    """What `decodekit serve --device cuda` runs on an fp16 ort-gqa-static artifact: the shared step captured once
+    and replayed while 10 requests (one seeded) join and leave 3 slots; the tokens equal the same schedule run
+    uncaptured (the requests are queued at once, so both runs batch them alike)."""
     from decodekit.runtime.ort_backend import OrtBackend
 
-    art = _cuda_static(optimized)
     prompts = _prompts(10, seed=21)
+    seeded = SamplingConfig(temperature=0.8, top_k=20, seed=7, logprobs=False)
+    sampling = [seeded if i == 4 else GREEDY for i in range(10)]
 
     def serve(graph: bool) -> tuple[list[list[int]], bool, int, Exception | None]:
-        with OrtBackend(art, device="cuda", cuda_graph=graph) as b, Scheduler(b, SchedulerConfig(slots=3)) as sched:
-            streams = [sched.submit(Request(tuple(p), 5 + i, GREEDY, eos_ids=())) for i, p in enumerate(prompts)]
+        with OrtBackend(cuda_fp16, device="cuda", cuda_graph=graph) as b, \
+                Scheduler(b, SchedulerConfig(slots=3)) as sched:
+            with sched._cond:
+                streams = [sched.submit(Request(tuple(p), 5 + i, sampling[i], eos_ids=()))
+                           for i, p in enumerate(prompts)]
             return [s.result().token_ids for s in streams], sched.step.captured, b.captured_steps, sched.failure
 
-    want, _, _, _ = serve(False)
+    want, captured, _, failure = serve(False)
+    assert failure is None and not captured
     got, captured, count, failure = serve(True)
     assert failure is None and captured and count == 1
     assert got == want
+
+
+@pytest.mark.gpu
+def test_fp32_gqa_step_is_refused_a_cuda_graph(optimized) -> None:
+    from decodekit.runtime.backend import BackendError
+    from decodekit.runtime.ort_backend import OrtBackend
+
+    _need_cuda()
+    with pytest.warns(UserWarning), pytest.raises(BackendError, match="GroupQueryAttention on the CPU.*--dtype fp16"):
+        OrtBackend(optimized("ort-gqa-static").artifact, device="cuda", cuda_graph=True)
