@@ -117,7 +117,7 @@ def summary(tokens: int, wall: float, ttft: list[float]) -> dict:
             "ttft_mean_ms": round(1e3 * statistics.fmean(ttft), 2)}
 
 
-def run_level(backend, reqs, clients: int, rounds: int, serving=None) -> dict:
+def run_level(backend, reqs, clients: int, rounds: int, serving=None, rows_per_prefill: int = 0) -> dict:
     """Both modes at one concurrency, alternating, after one warm-up of each (capture, first runs). ``serving``:
     the backend the scheduler runs on, as `decodekit serve` opens it (default: ``backend``)."""
     from decodekit.runtime.scheduler import Scheduler, SchedulerConfig
@@ -125,7 +125,8 @@ def run_level(backend, reqs, clients: int, rounds: int, serving=None) -> dict:
     state = backend.allocate(clients)
     warm = reqs[:clients]
     rows: dict[str, list[dict]] = {"continuous": [], "fixed": []}
-    with Scheduler(serving or backend, SchedulerConfig(slots=clients, max_queue=clients)) as sched:
+    cfg = SchedulerConfig(slots=clients, max_queue=clients, rows_per_prefill=rows_per_prefill)
+    with Scheduler(serving or backend, cfg) as sched:
         run_continuous(sched, warm, clients)
         run_fixed(backend, state, warm, clients)
         for r in range(rounds):
@@ -209,6 +210,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=0, help="CPU: onnxruntime intra-op threads (0 = default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rows-per-prefill", type=int, default=0,
+                    help="SchedulerConfig.rows_per_prefill (0: prefill each new prompt at once)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
@@ -229,10 +232,11 @@ def main() -> None:
     doc = {"model": args.model, "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
            "dtype": m.dtype, "dialect": m.dialect, "cuda_graph": {"fixed": backend.cuda_graph, "continuous": serving.cuda_graph},
            "requests": args.requests, "rounds": args.rounds, "clients": args.clients,
+           "rows_per_prefill": args.rows_per_prefill,
            "workload": (f"prompt {EQUAL_PROMPT} tokens" if not m.allows("mixed_lengths") else "prompt 8..64 tokens")
            + ", output 8..96 tokens, greedy, no EOS", "levels": {}}
     for c in args.clients:
-        doc["levels"][str(c)] = run_level(backend, reqs, c, args.rounds, serving)
+        doc["levels"][str(c)] = run_level(backend, reqs, c, args.rounds, serving, args.rows_per_prefill)
         level = doc["levels"][str(c)]
         log(f"{c:3d} clients: continuous/fixed tokens/s {level['continuous_over_fixed']}x, TTFT p50 "
             f"{level['continuous']['ttft_p50_ms']} / {level['fixed']['ttft_p50_ms']} ms, same tokens "

@@ -11,7 +11,8 @@ could pass max_seq. Every engine step:
 
     cancels     requests cancelled since the last step leave their rows (or the queue)
     admit       queued requests take free rows (``Slot``s)
-    prefill     a group of new prompts is prefilled beside the shared state and copied into its rows
+    prefill     a group of new prompts is prefilled beside the shared state and copied into its rows (optionally,
+                while many rows decode, once enough prompts have gathered: _prefill_due)
                 (runtime/side_prefill.py); each request's first token comes from its prefill
     decode      launch the shared [B, 1] step; rows whose request samples on its own (temperature, penalties,
                 seeds) overwrite their token from their row of the logits before it is fed back; read the
@@ -60,6 +61,12 @@ class SchedulerConfig:
     slots: int | None = None  # cache rows to serve from; None = the artifact's max_batch
     pad_id: int = 0
     prefills_per_step: int = 8  # most new prompts prefilled together before one shared decode step
+    # while many rows decode, new prompts may gather before a prefill run (each run stalls every decoding row): a
+    # run then waits for one waiting prompt per this many decoding rows (up to prefills_per_step), or until the
+    # oldest has waited max_prefill_wait decode steps. 0 = prefill every waiting prompt at once (the default: on
+    # the H200 at 64 clients, 8 gave 8% more tokens/s for 10 ms more median TTFT; on the CPU no gain)
+    rows_per_prefill: int = 0
+    max_prefill_wait: int = 8
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -70,6 +77,9 @@ class SchedulerConfig:
             raise GenerationError(f"slots must be >= 1, got {self.slots}")
         if self.prefills_per_step < 1:
             raise GenerationError(f"prefills_per_step must be >= 1, got {self.prefills_per_step}")
+        if self.rows_per_prefill < 0 or self.max_prefill_wait < 0:
+            raise GenerationError(f"rows_per_prefill and max_prefill_wait must be >= 0, got {self.rows_per_prefill} "
+                                  f"and {self.max_prefill_wait}")
 
 
 class Scheduler:
@@ -203,6 +213,7 @@ class Scheduler:
             with self.step.on_stream():  # CUDA: a request's own sampler lives on the step's stream
                 slot = Slot(self._free.popleft(), stream, eos, self.backend.manifest.config.vocab_size,
                             self.backend.device)
+            slot.admitted_step = self.steps
             self.slots[slot.row] = slot
             self._by_id[stream.id] = slot
             (self._long if self.side.is_long(slot) else self._waiting).append(slot)
@@ -210,7 +221,7 @@ class Scheduler:
     def _tick(self) -> None:
         self._take_cancels()
         made = 0
-        if self._waiting:
+        if self._waiting and self._prefill_due():
             group = self.side.take(self._waiting)
             made += self._start(group, self.side.prefill(group))
         if self._long:
@@ -224,6 +235,16 @@ class Scheduler:
         self.tokens_generated += made
         if made:
             self._rate.append((time.perf_counter(), made))
+
+    def _prefill_due(self) -> bool:
+        """Prefill the waiting prompts now, or let them gather (as TGI's waiting_served_ratio): every prefill run
+        stalls all decoding rows. With ``rows_per_prefill`` set, a run is due once one prompt waits per that many
+        decoding rows (up to a full group), or the oldest has waited ``max_prefill_wait`` decode steps."""
+        cfg = self.config
+        if not cfg.rows_per_prefill or not self._decoding:
+            return True
+        need = min(cfg.prefills_per_step, len(self._decoding) // cfg.rows_per_prefill)
+        return len(self._waiting) >= need or self.steps - self._waiting[0].admitted_step >= cfg.max_prefill_wait
 
     def _start(self, group: list[Slot], tokens: list[int]) -> int:
         """The group's first tokens are out: send them, end the requests they finish, place the others' rows."""

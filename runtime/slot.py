@@ -22,6 +22,7 @@ class Slot:
         self.row, self.stream = row, stream
         self.prompt = req.prompt_ids
         self.prefilled = 0  # prompt tokens in the cache (a prompt prefilled in chunks)
+        self.admitted_step = 0  # the scheduler's step count when the request took this row
         self.plain = req.sampling.greedy and not req.sampling.has_penalties
         self.sampler: Sampler | None = None
         if not self.plain:

@@ -29,13 +29,17 @@ if TYPE_CHECKING:
 @click.option("--slots", default=None, type=click.IntRange(1), help="cache rows to serve (default: max_batch)")
 @click.option("--prefill-chunk", default=256, show_default=True, type=click.IntRange(1),
               help="most prompt tokens of one request per engine step")
+@click.option("--rows-per-prefill", default=0, show_default=True, type=click.IntRange(0),
+              help="while many rows decode, gather one new prompt per N decoding rows before a prefill run "
+                   "(more tokens/s on GPUs, later first tokens; 0 = prefill each at once)")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1),
               help="larger request bodies are answered 413")
 @click.option("--model-name", default=None, help="the model id clients send (default: the artifact folder's name)")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="onnxruntime intra-op threads (0 = its default)")
 def command(artifact: str, host: str, port: int, device: str, max_queue: int,
-            slots: int | None, prefill_chunk: int, max_body_bytes: int, model_name: str | None, threads: int) -> None:
+            slots: int | None, prefill_chunk: int, rows_per_prefill: int, max_body_bytes: int,
+            model_name: str | None, threads: int) -> None:
     """Serve ARTIFACT over an OpenAI-compatible HTTP API with continuous batching (Ctrl-C stops)."""
     try:
         import uvicorn  # noqa: F401
@@ -45,7 +49,8 @@ def command(artifact: str, host: str, port: int, device: str, max_queue: int,
         raise UserError(f"decodekit serve needs the {e.name} package: pip install 'decodekit[serve]'") from None
     _check_address(host, port)
     server, backend = build_server(artifact, device=device, max_queue=max_queue, slots=slots,
-                                   prefill_chunk=prefill_chunk, max_body_bytes=max_body_bytes,
+                                   prefill_chunk=prefill_chunk, rows_per_prefill=rows_per_prefill,
+                                   max_body_bytes=max_body_bytes,
                                    model_name=model_name, threads=threads)
     try:
         _run(server.app(), host, port)
@@ -55,7 +60,7 @@ def command(artifact: str, host: str, port: int, device: str, max_queue: int,
 
 
 def build_server(artifact: str | Path, device: str = "cpu", max_queue: int = 64, slots: int | None = None,
-                 prefill_chunk: int = 256, max_body_bytes: int = 1 << 20, model_name: str | None = None,
+                 prefill_chunk: int = 256, rows_per_prefill: int = 0, max_body_bytes: int = 1 << 20, model_name: str | None = None,
                  threads: int = 0) -> tuple["Server", "Backend"]:
     """The Server (tools/serve_app.py) of an artifact on the ORT backend, and that backend (caller closes both)."""
     import torch
@@ -71,7 +76,8 @@ def build_server(artifact: str | Path, device: str = "cpu", max_queue: int = 64,
     # cuda: the shared step is one captured CUDA graph where the artifact allows it (fp16/bf16 ort-gqa-static)
     backend = open_backend(artifact, "ort", device=device, intra_op_threads=threads)
     try:
-        scheduler = Scheduler(backend, SchedulerConfig(max_queue=max_queue, prefill_chunk=prefill_chunk, slots=slots),
+        scheduler = Scheduler(backend, SchedulerConfig(max_queue=max_queue, prefill_chunk=prefill_chunk, slots=slots,
+                                                               rows_per_prefill=rows_per_prefill),
                               Tokenizer.from_artifact(backend.artifact, backend.manifest))
     except BaseException:
         backend.close()

@@ -56,6 +56,26 @@ def test_side_prefill_on_the_gqa_dialects(optimized, dialect) -> None:
     assert [r.token_ids for r in results] == [_alone(b, p, 9) for p in prompts]
 
 
+def test_new_prompts_gather_while_rows_decode(backend) -> None:
+    """While rows decode, prompts that free rows admit wait to be prefilled together (one waiting prompt per
+    ``rows_per_prefill`` decoding rows, or ``max_prefill_wait`` steps): fewer prefill runs than prefilling each at
+    once, and every answer still as if alone. Queued at once, so both runs see the same schedule of arrivals."""
+    prompts = _prompts(12, seed=3)
+    budgets = [4 + (i * 5) % 13 for i in range(12)]
+
+    def serve(rows_per_prefill: int) -> tuple[list[list[int]], int]:
+        cfg = SchedulerConfig(slots=4, rows_per_prefill=rows_per_prefill, max_prefill_wait=4)
+        with Scheduler(backend, cfg) as sched:
+            with sched._cond:
+                streams = [sched.submit(Request(tuple(p), n, GREEDY, eos_ids=())) for p, n in zip(prompts, budgets)]
+            return [s.result().token_ids for s in streams], sched.side.runs
+
+    eager, eager_runs = serve(0)
+    gathered, gathered_runs = serve(1)
+    assert gathered == eager == [_alone(backend, p, n) for p, n in zip(prompts, budgets)]
+    assert gathered_runs < eager_runs, (gathered_runs, eager_runs)
+
+
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(3, 500, size=int(rng.integers(1, 40))).tolist() for _ in range(n)]
