@@ -183,6 +183,8 @@ class GenerateRequest:
     device: str = "cpu"
     threads: int = 0  # ORT intra-op threads per rank; 0 = cores / ranks on the CPU
     timeout_s: float = DEFAULT_TIMEOUT_S
+    cuda_graph: bool | None = None  # OrtOptions.cuda_graph of every rank (None: the backend's default)
+    logprobs: bool = False  # print each token's log-probability in --json (rank 0's sampler computes them)
 
 
 def generate_worker(artifact: str | Path, request: GenerateRequest) -> int:
@@ -197,7 +199,8 @@ def generate_worker(artifact: str | Path, request: GenerateRequest) -> int:
     threads = request.threads or (max(1, (os.cpu_count() or 1) // env.world) if request.device == "cpu" else 0)
     group = init_group(request.device, request.timeout_s)
     try:
-        options = OrtOptions(device=request.device, device_id=env.local_rank, intra_op_threads=threads)
+        options = OrtOptions(device=request.device, device_id=env.local_rank, intra_op_threads=threads,
+                             cuda_graph=request.cuda_graph)
         backend = TpOrtBackend(artifact, options, group=group)
         if env.rank:
             backend.serve()
@@ -213,17 +216,19 @@ def generate_worker(artifact: str | Path, request: GenerateRequest) -> int:
                 on_token=(lambda b, t: print(t, end=" ", flush=True)) if stream and not text else None)
         finally:
             backend.close()
-        _print_result(result, request.as_json, stream, env.world)
+        _print_result(result, request.as_json, stream, env.world, request.logprobs)
         return 0
     finally:
         close_group()
 
 
-def _print_result(result: Any, as_json: bool, streamed: bool, world: int) -> None:
+def _print_result(result: Any, as_json: bool, streamed: bool, world: int, logprobs: bool = False) -> None:
     if as_json:
         texts = result.text or [None] * len(result.output_ids)
-        print(json.dumps({"tokens": result.output_ids, "text": texts, "finish_reasons": result.finish_reasons,
-                          "tp": world}))
+        doc = {"tokens": result.output_ids, "text": texts, "finish_reasons": result.finish_reasons, "tp": world}
+        if logprobs:
+            doc["logprobs"] = result.logprobs
+        print(json.dumps(doc))
     elif streamed:
         print(flush=True)
     else:

@@ -197,6 +197,9 @@ class TpOrtBackend(Backend):
         if self.partition is None and self.manifest.tp != self.group.world:
             raise TpError(f"{self.artifact} has tp={self.manifest.tp} but the process group has {self.group.world} "
                           f"rank(s); run it with `decodekit launch {self.artifact} --nproc {self.manifest.tp}`")
+        if self.options.cuda_graph:
+            raise BackendError(f"{self.artifact}: the ort-tp backend does not capture CUDA graphs yet; run without "
+                               f"--cuda-graph (cuda_graph=True)")
         if self.options.device == "cuda":
             self.options = _on_torch_stream(self.options)
             self.group.device = f"cuda:{self.options.device_id}"

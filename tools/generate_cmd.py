@@ -72,13 +72,14 @@ def command(artifact: str, backend: str, device: str, cuda_graph: bool | None, p
         from ..runtime.launch import DEFAULT_TIMEOUT_S, generate_worker
         from .launch_cmd import _request
 
-        if backend != "ort" or chat is not None:
-            raise UserError("under torchrun, generate runs the ort backend (one process per rank) on --prompt / --ids")
-        generate_worker(artifact, _request(DEFAULT_TIMEOUT_S, 0, prompts=prompts, ids=ids,
+        if backend != "ort":
+            raise UserError("under torchrun, generate runs the ort backend (one process per rank); drop --backend")
+        generate_worker(artifact, _request(DEFAULT_TIMEOUT_S, 0, prompts=prompts, ids=ids, chat=chat, system=system,
                                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                            top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                           seed=seed, stop=stop, as_json=as_json, device=device))
+                                           seed=seed, stop=stop, as_json=as_json, device=device,
+                                           cuda_graph=cuda_graph, logprobs=logprobs))
         return
     if (chat is not None) + bool(prompts) + bool(ids) != 1:
         raise UserError("pass one of --prompt TEXT, --ids 1,2,3 (repeatable for a batch) or --chat MESSAGE")
