@@ -12,6 +12,13 @@ over ``REPLICATE_MAX_ELEMENTS``) and constant subgraphs (folded at load) are rep
 needs them instead of being passed between segments. What crosses a boundary is then the partial sum and the
 residual stream.
 
+Weights are held once per rank: a tied LM head ``MatMul(h, Transpose(E))`` becomes ``FusedMatMul(h, E, transB=1)``
+(graphs/passes/tied_lm_head.py; ONNX Runtime would fold the Transpose into a second copy of the embedding at
+load), and an initializer over ``REPLICATE_MAX_ELEMENTS`` that several nodes read (the tied embedding: the Gather in
+the first segment, the head in the last; RoPE tables read by every layer) becomes an input of the segments,
+listed in ``Partition.shared_weights``: the runtime binds one tensor per rank to all of them instead of every
+session loading its own copy.
+
 Segments are built in memory at load time (``partition(ir.load(rank_file))``), not written into the artifact:
 the rank file stays the one checksummed source (passes that rewrite it cannot leave stale segment files),
 TensorRT consumes the DistCollective natively and never needs segments, and cutting takes milliseconds per
@@ -25,7 +32,7 @@ the original value names, and ``Partition.counts`` reports what was done.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import onnx_ir as ir
@@ -48,7 +55,7 @@ class TensorInfo:
 @dataclass(frozen=True)
 class Segment:
     index: int
-    model: ir.Model
+    model: ir.Model | None  # None in a partition ``without_weights`` (its sessions were built)
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     reduce: tuple[str, ...]  # outputs to all-reduce (sum over ranks) right after this segment runs
@@ -62,6 +69,12 @@ class Partition:
     aliases: dict[str, str]  # collective output -> its input: the same buffer after the in-place all-reduce
     tensors: dict[str, TensorInfo]  # every segment input and output
     counts: dict[str, int] = field(default_factory=dict)
+    shared_weights: dict[str, ir.TensorProtocol] = field(default_factory=dict)  # segment inputs bound once per rank
+
+    def without_weights(self) -> "Partition":
+        """The same cut without the segment models and weight data: what a runtime keeps once its sessions were
+        built, so the host copies of the weights are freed (the sessions and the bound tensors hold them)."""
+        return replace(self, segments=tuple(replace(s, model=None) for s in self.segments), shared_weights={})
 
     def consumers(self, name: str) -> list[int]:
         return [s.index for s in self.segments if name in s.inputs]
@@ -148,6 +161,7 @@ def _info(v: ir.Value) -> TensorInfo:
 def partition(model: ir.Model) -> Partition:
     """Cut `model` (one rank's graph) at its DistCollective nodes; with none, one segment: the whole graph."""
     graph = model.graph
+    tied = _untie_head(model)
     graph.sort()
     collectives = [n for n in graph if is_collective(n)]
     for node in collectives:
@@ -175,18 +189,54 @@ def partition(model: ir.Model) -> Partition:
         if later_use.get(c.inputs[0], -1) > seg[c]:
             raise PartitionError(f"{c.inputs[0].name} is all-reduced in place but also read after the collective; "
                                  f"the runtime cannot keep the unreduced value")
+    seg_nodes = [sorted(set(members[s]) | _closure(members[s], replicable), key=order.__getitem__)
+                 for s in range(n_seg)]
+    weights = _shared_weights(seg_nodes)
     segments, tensors = [], {}
-    for s in range(n_seg):
-        nodes = sorted(set(members[s]) | _closure(members[s], replicable), key=order.__getitem__)
+    for s, nodes in enumerate(seg_nodes):
         shared = {v for n in nodes if n not in replicable for v in n.outputs}  # replicated values never cross
-        segment = _segment(model, s, nodes, graph, later_use, shared, reduce_at.get(s, []))
+        segment = _segment(model, s, nodes, graph, later_use, shared, reduce_at.get(s, []), weights)
         segments.append(segment)
         for v in _io_values(nodes, graph):
             tensors[v.name] = _info(v)
+    for v in weights:
+        tensors[v.name] = _info(v)
     counts = {"segments": n_seg, "collectives": len(collectives), "replicated_nodes": len(replicable),
-              "cross_tensors": len({n for s in segments for n in s.outputs} - {v.name for v in graph.outputs})}
+              "cross_tensors": len({n for s in segments for n in s.outputs} - {v.name for v in graph.outputs}),
+              "shared_weights": len(weights), "tied_head": tied}
     return Partition(tuple(segments), tuple(v.name for v in graph.inputs), tuple(v.name for v in graph.outputs),
-                     aliases, tensors, counts)
+                     aliases, tensors, counts, {v.name: v.const_value for v in weights})
+
+
+def _untie_head(model: ir.Model) -> int:
+    """MatMul(h, Transpose(E)) -> FusedMatMul(h, E, transB=1) for a tied head (the dangling Transpose removed)."""
+    from .passes.tied_lm_head import _tied_weight
+    from .passes.weights_nk import replace_with_fused_transb
+
+    n = 0
+    for node in list(model.graph):
+        w = _tied_weight(node)
+        if w is None:
+            continue
+        transpose = node.inputs[1].producer()
+        replace_with_fused_transb(model, node, w, "tied")
+        if transpose is not None and not any(transpose.outputs[0].uses()):
+            model.graph.remove(transpose, safe=True)
+        n += 1
+    return n
+
+
+def _shared_weights(seg_nodes: list[list[ir.Node]]) -> list[ir.Value]:
+    """Initializers over REPLICATE_MAX_ELEMENTS that more than one node reads (in one segment or several), in
+    first-use order. Within one session too: ONNX Runtime prepacks the head's copy of a tied table for its CPU
+    GEMM and keeps the original for the Gather, two copies; bound as an input, the table is held once."""
+    readers: dict[ir.Value, int] = {}
+    for nodes in seg_nodes:
+        for n in nodes:
+            for v in n.inputs:
+                if v is not None and v.is_initializer() and not _small_initializer(v):
+                    readers[v] = readers.get(v, 0) + 1
+    return [v for v, count in readers.items() if count > 1]
 
 
 def _io_values(nodes: list[ir.Node], graph: ir.Graph) -> list[ir.Value]:
@@ -195,7 +245,7 @@ def _io_values(nodes: list[ir.Node], graph: ir.Graph) -> list[ir.Value]:
 
 
 def _segment(model: ir.Model, index: int, nodes: list[ir.Node], graph: ir.Graph, later_use: dict[ir.Value, int],
-             shared: set[ir.Value], reduce: list[ir.Value]) -> Segment:
+             shared: set[ir.Value], reduce: list[ir.Value], weights: list[ir.Value]) -> Segment:
     inside = {v for n in nodes for v in n.outputs}
     graph_outputs = set(graph.outputs)
     inputs, initializers, seen = [], [], set()
@@ -204,7 +254,7 @@ def _segment(model: ir.Model, index: int, nodes: list[ir.Node], graph: ir.Graph,
             if v is None or v in inside or v in seen:
                 continue
             seen.add(v)
-            (initializers if v.is_initializer() else inputs).append(v)
+            (initializers if v.is_initializer() and v not in weights else inputs).append(v)
     position = {v: i for i, v in enumerate(graph.inputs)}
     inputs.sort(key=lambda v: position.get(v, len(position)))  # graph inputs first, in contract order
     outputs = [v for n in nodes for v in n.outputs
@@ -213,6 +263,9 @@ def _segment(model: ir.Model, index: int, nodes: list[ir.Node], graph: ir.Graph,
     view = ir.GraphView(inputs, outputs, nodes=nodes, initializers=initializers,
                         opset_imports=_opsets(graph, nodes), name=f"{graph.name or 'rank'}_seg{index}")
     seg_model = ir.Model(view.clone(), ir_version=model.ir_version, producer_name="decodekit.tp_partition")
+    for v in seg_model.graph.inputs:
+        if v.const_value is not None:  # a shared weight: bound by the runtime, not stored in the segment
+            v.const_value = None
     return Segment(index, seg_model, tuple(v.name for v in inputs), tuple(v.name for v in outputs),
                    tuple(v.name for v in reduce))
 
@@ -220,6 +273,14 @@ def _segment(model: ir.Model, index: int, nodes: list[ir.Node], graph: ir.Graph,
 def _opsets(graph: ir.Graph, nodes: list[ir.Node]) -> dict[str, int]:
     used = {n.domain for n in nodes} | {""}
     return {d: v for d, v in graph.opset_imports.items() if d in used}
+
+
+def initializer_bytes(segment: Segment) -> dict[str, int]:
+    """Bytes of each initializer the segment's model stores (what its session loads)."""
+    if segment.model is None:
+        raise PartitionError(f"segment {segment.index} was dropped (Partition.without_weights)")
+    return {v.name: v.const_value.nbytes for v in segment.model.graph.initializers.values()
+            if v.const_value is not None}
 
 
 def segment_bytes(segment: Segment) -> bytes:

@@ -160,6 +160,16 @@ def _on_torch_stream(options: OrtOptions) -> OrtOptions:
     return replace(options, provider_options=provider)
 
 
+def _weight_tensor(tensor: Any, device: str) -> Any:
+    """An initializer's data as one torch tensor on `device` (a copy: the rank's only one)."""
+    import torch
+
+    a = np.asarray(tensor.numpy())
+    if a.dtype.name == "bfloat16":  # ml_dtypes: torch reads the bits
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).to(device)
+    return torch.from_numpy(np.array(a, copy=True)).to(device)
+
+
 def _session(model: bytes, folder: Path, options: OrtOptions) -> Any:
     """An InferenceSession of one segment (bytes; external initializers resolved in the artifact folder).
 
@@ -192,7 +202,7 @@ class TpOrtBackend(Backend):
     def _setup(self) -> None:
         import onnx_ir as ir
 
-        from ..graphs.tp_partition import partition as cut, plan_storage, segment_bytes
+        from ..graphs.tp_partition import initializer_bytes, partition as cut, plan_storage, segment_bytes
 
         if self.partition is None and self.manifest.tp != self.group.world:
             raise TpError(f"{self.artifact} has tp={self.manifest.tp} but the process group has {self.group.world} "
@@ -207,10 +217,18 @@ class TpOrtBackend(Backend):
         if self.partition is None:
             self.partition = cut(ir.load(str(self.manifest.rank_file(self.artifact, self.rank))))
         self.plan = plan_storage(self.partition)
-        self.run_options = self._run_options()
         self._active = self._follower_segments() if self.rank else len(self.partition.segments)
+        used = {n for seg in self.partition.segments[:self._active] for n in seg.inputs}
+        self.weights = {n: _weight_tensor(t, self.group.device)  # one tensor per rank, bound to every segment
+                        for n, t in self.partition.shared_weights.items() if n in used}
+        self.run_options = self._run_options()
         self.sessions = [_session(segment_bytes(s), self.artifact, self.options)
                          for s in self.partition.segments[:self._active]]
+        # (name, bytes) of every weight copy this rank holds: each session's initializers, then the shared tensors
+        self.held_weights = [*((n, b) for s in self.partition.segments[:self._active]
+                               for n, b in initializer_bytes(s).items()),
+                             *((n, t.numel() * t.element_size()) for n, t in self.weights.items())]
+        self.partition = self.partition.without_weights()
         batch_dim, seq_dim = self.partition.tensors["input_ids"].shape
         self._dims = (batch_dim, seq_dim)
         self._ctrl = self._torch().zeros(HEADER + 4 * self.max_batch, dtype=self._torch().int64,
@@ -275,6 +293,8 @@ class TpOrtBackend(Backend):
                     logits: Any) -> Any:
         if name in inputs:
             return inputs[name]
+        if name in self.weights:
+            return self.weights[name]
         if name.startswith("present."):
             name = "past_key_values." + name[len("present."):]
         if name in caches:
