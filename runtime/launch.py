@@ -56,7 +56,7 @@ def init_group(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S, profil
     import torch
     import torch.distributed as dist
 
-    from .tp_ort import Group, TpError
+    from .tp_group import Group, TpError
 
     env = RankEnv.from_env()
     if env is None:

@@ -3,123 +3,54 @@
     rank r:  seg0 -> all_reduce(partial0) -> seg1 -> all_reduce(partial1) -> ... -> seg2L (final norm + lm_head)
 
 ONNX Runtime has no collective ops, so ``graphs.tp_partition`` cuts each rank graph at its DistCollective
-nodes (in memory, at load) and the all-reduce is done here with torch.distributed (gloo on the CPU, NCCL on
-GPUs). Every buffer a segment reads or writes is a torch tensor on the device, bound to IOBinding by address:
-step inputs, the KV caches (bound as past AND present, updated in place), the cross-segment slots planned by
-``plan_storage`` (the partial sum is all-reduced in place in its slot, which the next segment reads as the
-collective's output), and the logits. On CUDA, ONNX Runtime runs on PyTorch's current stream and does not
-synchronize after each run, so segments, NCCL all-reduces and the sampler are ordered on the device without
-host round trips; the host waits only when it reads the sampled tokens.
+nodes (in memory, at load) and the all-reduce is done with torch.distributed (runtime/tp_group.py: gloo on the
+CPU, NCCL on GPUs). Every buffer a segment reads or writes is a torch tensor on the device, bound to IOBinding
+by address: step inputs, the KV caches (bound as past AND present, updated in place), the shared weights (one
+tensor per rank: the tied embedding), the cross-segment slots planned by ``plan_storage`` (the partial sum is
+all-reduced in place in its slot, which the next segment reads as the collective's output), and the logits. On
+CUDA, ONNX Runtime runs on PyTorch's current stream and does not synchronize after each run, so segments, NCCL
+all-reduces and the sampler are ordered on the device without host round trips.
 
-Leader / followers: rank 0 runs the decode loop (``runtime.generate``) with this backend and streams the tokens;
-every ``allocate``/``step`` first broadcasts a small int64 control message (op, batch, seq, the step's inputs:
-for a decode step these are rank 0's sampled tokens), which the other ranks execute in ``serve()``. So every
-rank feeds the model rank 0's token by construction, whatever the numerics; ``close()`` on rank 0 stops them.
-Followers skip the trailing segment that only computes logits (the replicated lm_head).
+Leader / followers. Rank 0 runs the decode loop (``runtime.generate``, its sampler included) and the others
+follow, over two channels:
+
+    host control message, once per request:  int64 [4] (op, batch, seq, 0): allocate, prefill (its inputs
+                                               follow as one int64 tensor), decode (enter the decode loop), stop
+    device step message, once per decode step: the state's int64 [5, B] tensor, broadcast from rank 0: rows
+                                               0-3 are the step's inputs (rank 0's sampled tokens, positions,
+                                               write indices, valid lengths: ``state.inputs`` is a view of it),
+                                               row 4 says go (1) or leave the decode loop (0)
+
+A decode step on rank 0 is broadcast(message) -> segments and all-reduces -> sampler -> input advance, all on
+the device: the host never waits, so the whole step can be captured as one CUDA graph (``OrtOptions(
+cuda_graph=True)``, ort-gqa-static at fp16/bf16) and replayed. A follower receives the message, reads the go row
+(its host waits for the broadcast; rank 0's never does), then runs its segments (captured after its first
+decode step when cuda_graph is on). Every rank feeds the model rank 0's tokens by construction. Followers skip
+the trailing segment that only computes logits (the replicated lm_head) and never sample. One state at a time:
+followers decode the state rank 0 allocated last.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import dtypes
-from ..errors import TpError  # noqa: F401 - re-exported
+from ..errors import TpError
 from ..export.manifest import Manifest
 from .backend import Backend, BackendError, StepState, register
 from .iobinding import bind_tensor
 from .ort_backend import STEP_INPUTS, OrtOptions, create_session
+from .tp_group import Group, TpStats
 
-OP_ALLOCATE, OP_STEP, OP_STOP = 1, 2, 3
+__all__ = ["Group", "TpError", "TpOrtBackend", "TpStats"]
+
+OP_ALLOCATE, OP_PREFILL, OP_STOP, OP_DECODE = 1, 2, 3, 4
 HEADER = 4  # op, batch, seq, reserved
-
-
-# ------------------------------------------------------------------------------------------------------ group
-
-
-@dataclass
-class TpStats:
-    """All-reduce accounting of one rank (CUDA times come from events, read by ``allreduce_ms``)."""
-
-    steps: int = 0
-    allreduce_calls: int = 0
-    allreduce_s: float = 0.0  # host wall time (CPU: the all-reduce itself; CUDA: only the enqueue)
-    events: list[tuple[Any, Any]] = field(default_factory=list)
-
-    def allreduce_ms(self) -> float:
-        """Total all-reduce time in ms (device time between events on CUDA when profiled)."""
-        if self.events:
-            return sum(a.elapsed_time(b) for a, b in self.events)
-        return self.allreduce_s * 1e3
-
-    def reset(self) -> None:
-        self.steps, self.allreduce_calls, self.allreduce_s, self.events = 0, 0, 0.0, []
-
-
-class Group:
-    """The tensor-parallel group as this backend uses it: in-place sum, and broadcast from rank 0."""
-
-    def __init__(self, rank: int = 0, world: int = 1, device: str = "cpu", profile: bool = False) -> None:
-        self.rank, self.world, self.device, self.profile = rank, world, device, profile
-        self.stats = TpStats()
-        self.broken = False  # a collective failed: the group cannot be used again
-
-    @classmethod
-    def from_torch(cls, device: str = "cpu", profile: bool = False) -> "Group":
-        """The initialized default torch.distributed process group (see ``runtime.launch.init_group``)."""
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            raise TpError("torch.distributed is not initialized; start the ranks with `decodekit launch` or torchrun")
-        return cls(dist.get_rank(), dist.get_world_size(), device, profile)
-
-    def all_reduce(self, t: Any, where: str) -> None:
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        self.stats.allreduce_calls += 1
-        start = time.perf_counter()
-        if self.profile and self.device != "cpu":
-            import torch
-
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            self._call(dist.all_reduce, t, where)
-            b.record()
-            self.stats.events.append((a, b))
-        else:
-            self._call(dist.all_reduce, t, where)
-        self.stats.allreduce_s += time.perf_counter() - start
-
-    def broadcast(self, t: Any, where: str) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            self._call(dist.broadcast, t, where, src=0)
-
-    def _call(self, fn: Any, t: Any, where: str, **kw: Any) -> None:
-        if self.broken:
-            raise TpError(f"rank {self.rank}/{self.world}: the process group failed earlier; cannot {fn.__name__}")
-        try:
-            fn(t, **kw)
-        except RuntimeError as e:  # gloo: peer closed the connection / timed out; NCCL: communicator aborted
-            self.broken = True
-            raise TpError(f"rank {self.rank}/{self.world}: {fn.__name__} ({where}) failed: {_gist(e)}; another rank "
-                          f"died or hung (the launcher names it)") from None
-
-
-def _gist(e: BaseException) -> str:
-    """The useful part of a gloo/NCCL error: no source location, no boilerplate."""
-    import re
-
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    text = re.sub(r"^\[[^\]]*\]\s*", "", text).split(" This is typically")[0]
-    return text[:200]
+GO_ROW = 4  # row of the [5, B] step message: 1 = run this decode step, 0 = leave the decode loop
 
 
 # --------------------------------------------------------------------------------------------------- bindings
@@ -132,7 +63,7 @@ class _Bound:
     seq: int
     bindings: list[Any]
     inputs: dict[str, Any]  # step input name -> torch tensor
-    logits: Any  # torch tensor; what step() returns is `result`
+    logits: Any  # torch tensor (None on followers); what step() returns is `result`
     result: Any  # CPU: np.ndarray view of the logits tensor; CUDA: the tensor
     reduce: list[list[Any]]  # per segment: slot tensors to all-reduce after it
     keep: list[Any]  # slot tensors (alive as long as the bindings)
@@ -141,13 +72,15 @@ class _Bound:
 @dataclass
 class TpHandles:
     caches: dict[str, Any]  # past name -> torch tensor (present names map to the same tensors)
-    decode: _Bound
+    message: Any  # int64 [5, B] on the device: the decode step message (rows 0-3 are state.inputs)
+    decode: _Bound  # its step inputs are views of message's rows
     prefill: _Bound | None = None
+    graph: Any = None  # followers with cuda_graph: the captured decode segments (runtime.cuda_graph.CapturedStep)
 
 
-def _on_torch_stream(options: OrtOptions) -> OrtOptions:
+def _on_torch_stream(options: OrtOptions) -> tuple[OrtOptions, Any]:
     """CUDA: run ONNX Runtime on torch's current stream (a dedicated one if that is the legacy default stream),
-    so NCCL all-reduces and torch sampling are ordered with the segments without host synchronization."""
+    so NCCL collectives and torch sampling are ordered with the segments without host synchronization."""
     import torch
 
     torch.cuda.set_device(options.device_id)
@@ -157,7 +90,7 @@ def _on_torch_stream(options: OrtOptions) -> OrtOptions:
         torch.cuda.set_stream(stream)
     provider = {"user_compute_stream": str(stream.cuda_stream), "has_user_compute_stream": "1",
                 **options.provider_options}
-    return replace(options, provider_options=provider)
+    return replace(options, provider_options=provider), stream
 
 
 def _weight_tensor(tensor: Any, device: str) -> Any:
@@ -207,11 +140,9 @@ class TpOrtBackend(Backend):
         if self.partition is None and self.manifest.tp != self.group.world:
             raise TpError(f"{self.artifact} has tp={self.manifest.tp} but the process group has {self.group.world} "
                           f"rank(s); run it with `decodekit launch {self.artifact} --nproc {self.manifest.tp}`")
-        if self.options.cuda_graph:
-            raise BackendError(f"{self.artifact}: the ort-tp backend does not capture CUDA graphs yet; run without "
-                               f"--cuda-graph (cuda_graph=True)")
+        self.cuda_graph = self._wants_cuda_graph()
         if self.options.device == "cuda":
-            self.options = _on_torch_stream(self.options)
+            self.options, self.stream = _on_torch_stream(self.options)
             self.group.device = f"cuda:{self.options.device_id}"
             self.device = self._torch().device(self.group.device)
         if self.partition is None:
@@ -231,9 +162,25 @@ class TpOrtBackend(Backend):
         self.partition = self.partition.without_weights()
         batch_dim, seq_dim = self.partition.tensors["input_ids"].shape
         self._dims = (batch_dim, seq_dim)
-        self._ctrl = self._torch().zeros(HEADER + 4 * self.max_batch, dtype=self._torch().int64,
-                                         device=self.group.device)
+        self._ctrl = self._torch().zeros(HEADER, dtype=self._torch().int64, device=self.group.device)
+        self._decoding: StepState | None = None  # rank 0: the state whose decode messages the followers await
         self._stopped = False
+
+    def _wants_cuda_graph(self) -> bool:
+        """Opt-in (``cuda_graph=True``): capture needs a step that reads no value on the host and runs every node
+        on the GPU: an ort-gqa-static artifact at fp16/bf16."""
+        m = self.manifest
+        if not self.options.cuda_graph:
+            return False
+        if not m.cuda_resident():
+            raise BackendError(f"{self.artifact}: a {m.dtype} {m.dialect} step runs GroupQueryAttention on the CPU "
+                               f"(onnxruntime-gpu has fp16/bf16 kernels only), so it cannot be captured as a CUDA "
+                               f"graph; re-optimize with --dtype fp16 or run without --cuda-graph")
+        if not m.allows("host_free_decode"):
+            raise BackendError(f"{self.artifact}: the {m.dialect} dialect reads lengths on the host every decode "
+                               f"step, so a captured CUDA graph would replay stale lengths; re-optimize with "
+                               f"--dialect ort-gqa-static or run without --cuda-graph")
+        return True
 
     # ------------------------------------------------------------------------------------------- helpers
 
@@ -254,7 +201,7 @@ class TpOrtBackend(Backend):
 
         ro = ort.RunOptions()
         ro.add_run_config_entry("disable_synchronize_execution_providers", "1")  # ordered on torch's stream
-        ro.add_run_config_entry("gpu_graph_id", "-1")  # no graph capture; also keeps the wrapper's probe cheap
+        ro.add_run_config_entry("gpu_graph_id", "-1")  # no ORT graph capture (torch captures); cheap probe
         return ro
 
     def _follower_segments(self) -> int:
@@ -278,16 +225,23 @@ class TpOrtBackend(Backend):
     # ---------------------------------------------------------------------------------------- allocation
 
     def _allocate(self, batch: int) -> StepState:
-        if self.rank == 0 and self.group.world > 1:
-            self._send(OP_ALLOCATE, batch, 0, None)
+        self._leave()
+        self._send(OP_ALLOCATE, batch, 0)
         return self._local_allocate(batch)
 
     def _local_allocate(self, batch: int) -> StepState:
+        torch = self._torch()
         caches = {}
         for name in self.partition.graph_inputs:
             if name.startswith("past_key_values."):
                 caches[name] = self._empty(self.partition.tensors[name], batch, 0).zero_()
-        return StepState(batch, self.max_seq, TpHandles(caches, self._bound(caches, batch, 1)))
+        message = torch.zeros(GO_ROW + 1, batch, dtype=torch.int64, device=self.group.device)
+        message[GO_ROW] = 1
+        views = {"input_ids": message[0].view(batch, 1), "position_ids": message[1].view(batch, 1),
+                 "write_indices": message[2], "nonpad_kv_seqlen": message[3]}
+        state = StepState(batch, self.max_seq, TpHandles(caches, message, self._bound(caches, batch, 1, views)))
+        state.inputs = message[:GO_ROW]  # the decode loop's [4, B] inputs are the message's first rows
+        return state
 
     def _tensor_for(self, caches: dict[str, Any], name: str, inputs: dict[str, Any], slots: list[Any],
                     logits: Any) -> Any:
@@ -303,9 +257,9 @@ class TpOrtBackend(Backend):
             return logits
         return slots[self.plan.slot_of[name]]
 
-    def _bound(self, caches: dict[str, Any], batch: int, seq: int) -> _Bound:
+    def _bound(self, caches: dict[str, Any], batch: int, seq: int, inputs: dict[str, Any] | None = None) -> _Bound:
         t = self.partition.tensors
-        inputs = {n: self._empty(t[n], batch, seq).zero_() for n in STEP_INPUTS}
+        inputs = inputs or {n: self._empty(t[n], batch, seq).zero_() for n in STEP_INPUTS}
         slots = [self._empty(s, batch, seq) for s in self.plan.slots]
         computes_logits = self._active == len(self.partition.segments)
         logits = self._empty(t["logits"], batch, seq) if computes_logits else None
@@ -321,35 +275,61 @@ class TpOrtBackend(Backend):
         result = logits.numpy() if self.options.device == "cpu" and logits is not None else logits
         return _Bound(seq, bindings, inputs, logits, result, reduce, slots)
 
-    # ---------------------------------------------------------------------------------------------- step
+    # ---------------------------------------------------------------------------------------------- steps
 
     def _step(self, state: StepState, input_ids: np.ndarray, position_ids: np.ndarray, write_indices: np.ndarray,
               nonpad_kv_seqlen: np.ndarray) -> Any:
+        """Rank 0 from host arrays: a prefill (one control message), or a decode step (its inputs written into
+        the state's message, then run as the decode loop runs one)."""
         B, S = input_ids.shape
         arrays = (input_ids, position_ids, write_indices, nonpad_kv_seqlen)
-        if self.rank == 0 and self.group.world > 1:
-            self._send(OP_STEP, B, S, arrays)
-        return self._run(state, arrays)
-
-    def _run(self, state: StepState, arrays: tuple[np.ndarray, ...]) -> Any:
-        h: TpHandles = state.handles
-        B, S = arrays[0].shape
         if S == 1:
-            bound = h.decode
-        else:
-            if h.prefill is None or h.prefill.seq != S:
-                h.prefill = self._bound(h.caches, B, S)
-            bound = h.prefill
-        self._load(bound, arrays)
+            torch = self._torch()
+            flat = np.stack([np.reshape(a, B) for a in arrays]).astype(np.int64)
+            state.inputs.copy_(torch.from_numpy(flat))
+            self._decode(state)
+            return state.handles.decode.result
+        self._leave()
+        self._send(OP_PREFILL, B, S, arrays)
+        h: TpHandles = state.handles
+        if h.prefill is None or h.prefill.seq != S:
+            h.prefill = self._bound(h.caches, B, S)
+        self._load(h.prefill, arrays)
+        self._segments(h.prefill)
+        self._decoding = state  # the followers now wait for this state's decode messages
+        return h.prefill.result
+
+    def run_decode(self, state: StepState) -> Any:
+        """Rank 0: one decode step reading ``state.inputs`` on the device (broadcast to the followers first);
+        returns the [B, 1, V] logits buffer. No host synchronization: capturable as a CUDA graph."""
+        if self.rank:
+            raise TpError("rank 0 leads the decode loop; ranks > 0 serve()")
+        self._decode(state)
+        return state.handles.decode.logits
+
+    def capturable(self, state: StepState) -> bool:
+        return self.cuda_graph and self.rank == 0
+
+    def _decode(self, state: StepState) -> None:
+        h: TpHandles = state.handles
+        if self._decoding is not state:
+            self._leave()
+            self._send(OP_DECODE, state.batch, 1)
+            self._decoding = state
+        if self.group.collectives:
+            self.group.broadcast(h.message, "decode step")  # rank 0's tokens and inputs, device to device
+            self.group.stats.step_broadcasts += 1
+        self._segments(h.decode)
+
+    def _segments(self, bound: _Bound) -> None:
         for k, (session, binding) in enumerate(zip(self.sessions, bound.bindings)):
             session.run_with_iobinding(binding, self.run_options)
             for t in bound.reduce[k]:
                 self.group.all_reduce(t, f"after segment {k}")
         self.group.stats.steps += 1
-        return bound.result  # None on followers, which skip the logits segment
 
     def _load(self, bound: _Bound, arrays: tuple[np.ndarray, ...]) -> None:
-        """Write the step's int64 inputs into the bound input tensors (views on the CPU, one copy each on CUDA)."""
+        """Write a prefill's int64 inputs into the bound input tensors (views on the CPU, one copy each on CUDA)."""
         for name, a in zip(STEP_INPUTS, arrays):
             t = bound.inputs[name]
             if self.options.device == "cpu":
@@ -359,41 +339,40 @@ class TpOrtBackend(Backend):
 
     # ----------------------------------------------------------------------------------- control channel
 
-    def _send(self, op: int, batch: int, seq: int, arrays: tuple[np.ndarray, ...] | None) -> None:
+    def _leave(self) -> None:
+        """Rank 0: end the followers' decode loop (a step message with go = 0) before the next control message."""
+        if self._decoding is not None and self.group.collectives:
+            message = self._torch().zeros_like(self._decoding.handles.message)
+            self.group.broadcast(message, "end of decode")
+            self.group.stats.step_broadcasts += 1
+        self._decoding = None
+
+    def _send(self, op: int, batch: int, seq: int, arrays: tuple[np.ndarray, ...] | None = None) -> None:
+        if self.rank or not self.group.collectives:
+            return
         torch = self._torch()
-        msg = np.zeros(self._ctrl.numel(), dtype=np.int64)
-        msg[:HEADER] = (op, batch, seq, 0)
-        extra = None
+        self._ctrl.copy_(torch.tensor([op, batch, seq, 0], dtype=torch.int64))
+        self.group.broadcast(self._ctrl, "control")
+        self.group.stats.control_messages += 1
         if arrays is not None:
             flat = np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays])
-            if seq == 1:
-                msg[HEADER:HEADER + flat.size] = flat
-            else:
-                extra = torch.from_numpy(flat).to(self.group.device)
-        self._ctrl.copy_(torch.from_numpy(msg))
-        self.group.broadcast(self._ctrl, "control")
-        if extra is not None:
-            self.group.broadcast(extra, "prefill inputs")
+            self.group.broadcast(torch.from_numpy(flat).to(self.group.device), "prefill inputs")
 
     def _receive(self) -> tuple[int, int, int, tuple[np.ndarray, ...] | None]:
         torch = self._torch()
         self.group.broadcast(self._ctrl, "waiting for rank 0")
-        msg = self._ctrl.cpu().numpy()
-        op, batch, seq = (int(x) for x in msg[:3])
-        if op != OP_STEP:
+        op, batch, seq = (int(x) for x in self._ctrl.cpu().numpy()[:3])
+        if op != OP_PREFILL:
             return op, batch, seq, None
         n = batch * seq
-        if seq == 1:
-            flat = msg[HEADER:HEADER + 4 * batch]
-        else:
-            buf = torch.empty(2 * n + 2 * batch, dtype=torch.int64, device=self.group.device)
-            self.group.broadcast(buf, "prefill inputs")
-            flat = buf.cpu().numpy()
+        buf = torch.empty(2 * n + 2 * batch, dtype=torch.int64, device=self.group.device)
+        self.group.broadcast(buf, "prefill inputs")
+        flat = buf.cpu().numpy()
         ids, pos = flat[:n].reshape(batch, seq), flat[n:2 * n].reshape(batch, seq)
         return op, batch, seq, (ids, pos, flat[2 * n:2 * n + batch], flat[2 * n + batch:2 * n + 2 * batch])
 
     def serve(self) -> int:
-        """Follower loop: execute rank 0's allocate/step commands until it stops; returns the steps run."""
+        """Follower loop: execute rank 0's requests until it stops; returns the steps run."""
         if self.rank == 0:
             raise TpError("rank 0 leads the decode loop; only ranks > 0 serve")
         state, steps = None, 0
@@ -403,18 +382,46 @@ class TpOrtBackend(Backend):
                 return steps
             if op == OP_ALLOCATE:
                 state = self._local_allocate(batch)
-            elif op == OP_STEP and state is not None and arrays is not None:
-                self._run(state, arrays)
-                steps += 1
-            else:
+                continue
+            if state is None or op not in (OP_PREFILL, OP_DECODE) or batch != state.batch:
                 raise TpError(f"rank {self.rank}: unexpected control message {op} (batch {batch}, seq {seq})")
+            if op == OP_PREFILL:
+                h: TpHandles = state.handles
+                if h.prefill is None or h.prefill.seq != seq:
+                    h.prefill = self._bound(h.caches, batch, seq)
+                self._load(h.prefill, arrays)
+                self._segments(h.prefill)
+                steps += 1
+            steps += self._follow(state)
+
+    def _follow(self, state: StepState) -> int:
+        """Decode steps until rank 0 leaves the decode loop: receive its [5, B] message on the device, read the go
+        row (this rank's host waits for the broadcast), run the segments (a CUDA graph replay once captured)."""
+        h: TpHandles = state.handles
+        steps = 0
+        while True:
+            self.group.broadcast(h.message, "waiting for rank 0's decode step")
+            self.group.stats.step_broadcasts += 1
+            if not int(h.message[GO_ROW, 0]):
+                return steps
+            if self.cuda_graph and steps >= 1 and h.graph is None:  # the first step ran eagerly: warmed up
+                from .cuda_graph import CapturedStep
+
+                h.graph = CapturedStep(lambda: self._segments(h.decode), self.stream, warmup=0)
+                self.captured_steps += 1
+            if h.graph is not None:
+                h.graph.replay()
+            else:
+                self._segments(h.decode)
+            steps += 1
 
     def close(self) -> None:
         """Rank 0: tell the followers to stop (best effort: a dead group is not an error while closing)."""
-        if self.rank == 0 and self.group.world > 1 and not self._stopped and not self.group.broken:
+        if self.rank == 0 and self.group.collectives and not self._stopped and not self.group.broken:
             self._stopped = True
             try:
-                self._send(OP_STOP, 0, 0, None)
+                self._leave()
+                self._send(OP_STOP, 0, 0)
             except TpError:
                 pass
         self.sessions = []
