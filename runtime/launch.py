@@ -51,8 +51,10 @@ def launched() -> bool:
     return RankEnv.from_env() is not None
 
 
-def init_group(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S, profile: bool = False) -> Any:
-    """Join the process group described by the env (gloo / NCCL); returns the backend's ``Group``."""
+def init_group(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S, profile: bool = False,
+               collectives: bool | None = None) -> Any:
+    """Join the process group described by the env (gloo / NCCL); returns the backend's ``Group``.
+    ``collectives=True`` issues the collectives even in a group of one (one GPU running the NCCL path)."""
     import torch
     import torch.distributed as dist
 
@@ -69,7 +71,7 @@ def init_group(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S, profil
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method="env://", rank=env.rank,
                                 world_size=env.world, timeout=timedelta(seconds=timeout_s))
-    return Group(env.rank, env.world, f"cuda:{env.local_rank}" if device == "cuda" else "cpu", profile)
+    return Group(env.rank, env.world, f"cuda:{env.local_rank}" if device == "cuda" else "cpu", profile, collectives)
 
 
 def close_group() -> None:

@@ -23,9 +23,9 @@ follow, over two channels:
 
 A decode step on rank 0 is broadcast(message) -> segments and all-reduces -> sampler -> input advance, all on
 the device: the host never waits, so the whole step can be captured as one CUDA graph (``OrtOptions(
-cuda_graph=True)``, ort-gqa-static at fp16/bf16) and replayed. A follower receives the message, reads the go row
-(its host waits for the broadcast; rank 0's never does), then runs its segments (captured after its first
-decode step when cuda_graph is on). Every rank feeds the model rank 0's tokens by construction. Followers skip
+cuda_graph=True)``, ort-gqa-static at fp16/bf16) and replayed. A follower's step is segments and all-reduces, then the receive
+of rank 0's next message (captured as one CUDA graph after its first decode step when cuda_graph is on); its
+host reads the go row between steps (it waits for the broadcast; rank 0's host never does). Every rank feeds the model rank 0's tokens by construction. Followers skip
 the trailing segment that only computes logits (the replicated lm_head) and never sample. One state at a time:
 followers decode the state rank 0 allocated last.
 """
@@ -395,25 +395,33 @@ class TpOrtBackend(Backend):
             steps += self._follow(state)
 
     def _follow(self, state: StepState) -> int:
-        """Decode steps until rank 0 leaves the decode loop: receive its [5, B] message on the device, read the go
-        row (this rank's host waits for the broadcast), run the segments (a CUDA graph replay once captured)."""
+        """Decode steps until rank 0 leaves the decode loop. A step runs the segments, then receives rank 0's next
+        [5, B] message on the device (the same order of collectives as rank 0's: message, segments, message, ...);
+        the host reads its go row before the next step. With cuda_graph, the step (segments, all-reduces, the
+        receive) is captured after one eager step and replayed."""
         h: TpHandles = state.handles
+        self._receive_step(h)
         steps = 0
-        while True:
-            self.group.broadcast(h.message, "waiting for rank 0's decode step")
-            self.group.stats.step_broadcasts += 1
-            if not int(h.message[GO_ROW, 0]):
-                return steps
+        while int(h.message[GO_ROW, 0]):  # this rank's host waits for the message; rank 0's never does
             if self.cuda_graph and steps >= 1 and h.graph is None:  # the first step ran eagerly: warmed up
                 from .cuda_graph import CapturedStep
 
-                h.graph = CapturedStep(lambda: self._segments(h.decode), self.stream, warmup=0)
+                h.graph = CapturedStep(lambda: self._follower_step(h), self.stream, warmup=0)
                 self.captured_steps += 1
             if h.graph is not None:
                 h.graph.replay()
             else:
-                self._segments(h.decode)
+                self._follower_step(h)
             steps += 1
+        return steps
+
+    def _follower_step(self, h: TpHandles) -> None:
+        self._segments(h.decode)
+        self._receive_step(h)
+
+    def _receive_step(self, h: TpHandles) -> None:
+        self.group.broadcast(h.message, "waiting for rank 0's decode step")
+        self.group.stats.step_broadcasts += 1
 
     def close(self) -> None:
         """Rank 0: tell the followers to stop (best effort: a dead group is not an error while closing)."""

@@ -3,7 +3,9 @@
     decodekit launch ARTIFACT [--nproc N] [launch options] [generate options]
     decodekit launch [--nproc N] [launch options] -- generate ARTIFACT [generate options]
 
-(the second is torchrun's shape: the launcher's options, then the command each rank runs).
+(the second is torchrun's shape: the launcher's options, then the command each rank runs). With
+``--device cuda --cuda-graph`` (ort-gqa-static at fp16/bf16 only) every rank captures its decode step as a CUDA
+graph; without --cuda-graph the tensor-parallel step is not captured (opt-in, unlike `decodekit generate`).
 
 Run as a plain command it is the launcher: it starts N copies of itself (N = the artifact's tp by default)
 with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set and watches them (runtime.launch). Run with
