@@ -23,11 +23,12 @@ follow, over two channels:
 
 A decode step on rank 0 is broadcast(message) -> segments and all-reduces -> sampler -> input advance, all on
 the device: the host never waits, so the whole step can be captured as one CUDA graph (``OrtOptions(
-cuda_graph=True)``, ort-gqa-static at fp16/bf16) and replayed. A follower's step is segments and all-reduces, then the receive
-of rank 0's next message (captured as one CUDA graph after its first decode step when cuda_graph is on); its
-host reads the go row between steps (it waits for the broadcast; rank 0's host never does). Every rank feeds the model rank 0's tokens by construction. Followers skip
-the trailing segment that only computes logits (the replicated lm_head) and never sample. One state at a time:
-followers decode the state rank 0 allocated last.
+cuda_graph=True)``, ort-gqa-static at fp16/bf16) and replayed. A follower's step is its segments and
+all-reduces, then the receive of rank 0's next message (captured as one CUDA graph after its first decode step
+when cuda_graph is on); its host reads the go row between steps (it waits for the broadcast; rank 0's host
+never does). Every rank feeds the model rank 0's tokens by construction. Followers skip the trailing segment
+that only computes logits (the replicated lm_head) and never sample. One state at a time: followers decode
+the state rank 0 allocated last.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ WORKER = textwrap.dedent("""
     from decodekit.runtime.ort_backend import OrtOptions
     from decodekit.runtime.tp_ort import TpOrtBackend
 
-    artifact, out, graph, cuts_from, prompt, steps = sys.argv[1:7]
+    artifact, out, graph, cuts_from, prompt, steps, device = sys.argv[1:8]
     prompt, steps, graph = [int(t) for t in prompt.split(",")], int(steps), graph == "1"
-    group = init_group("cuda", timeout_s=120, collectives=True)
+    group = init_group(device, timeout_s=120, collectives=True)
     partition = None
     if cuts_from != "-":  # the tp=1 graph cut where the tp=2 graph all-reduces (a group of one)
         from decodekit.export.manifest import read_manifest
@@ -45,7 +45,8 @@ WORKER = textwrap.dedent("""
         model = ir.load(str(read_manifest(artifact).rank_file(artifact)))
         insert_cuts(model, collective_inputs(ir.load(str(read_manifest(cuts_from).rank_file(cuts_from)))))
         partition = cut(model)
-    options = OrtOptions(device="cuda", device_id=int(os.environ["LOCAL_RANK"]), cuda_graph=graph)
+    options = OrtOptions(device=device, device_id=int(os.environ["LOCAL_RANK"]), cuda_graph=graph or None,
+                         intra_op_threads=1 if device == "cpu" else 0)
     backend = TpOrtBackend(artifact, options, group=group, partition=partition)
     doc = {"rank": group.rank, "segments": len(backend.partition.segments)}
     if group.rank:
@@ -106,14 +107,15 @@ def _single_gpu_tokens(artifact: Path) -> list[int]:
         return generate_ids(b, [PROMPT], STEPS, eos_ids=())[0]
 
 
-def _run(artifact: Path, nproc: int, graph: bool, tmp_path: Path, cuts_from: Path | None = None) -> list[dict]:
+def _run(artifact: Path, nproc: int, graph: bool, tmp_path: Path, cuts_from: Path | None = None,
+         device: str = "cuda") -> list[dict]:
     from decodekit.runtime.launch import launch
 
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / f"run-{nproc}-{int(graph)}-{cuts_from is not None}"
     argv = [sys.executable, str(script), str(artifact), str(out), "1" if graph else "0",
-            str(cuts_from) if cuts_from else "-", ",".join(map(str, PROMPT)), str(STEPS)]
+            str(cuts_from) if cuts_from else "-", ",".join(map(str, PROMPT)), str(STEPS), device]
     result = launch(argv, nproc, log=lambda m: None)
     assert result.returncode == 0, result.message
     return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(nproc)]
@@ -138,6 +140,18 @@ def test_graph_refused_for_fp32_gqa(tp1: Path, tmp_path: Path) -> None:
 def test_cuda_graph_needs_cuda(tp1: Path) -> None:
     with pytest.raises(BackendError, match="cuda_graph applies to device cuda"):
         TpOrtBackend(tp1, cuda_graph=True)
+
+
+def test_world_of_one_issuing_collectives_equals_ort_on_cpu(tp1: Path, tp2: Path, tmp_path: Path) -> None:
+    """The one-GPU test's path on the CPU (gloo): a group of one that still broadcasts and all-reduces."""
+    from decodekit.runtime.generate import generate_ids
+    from decodekit.runtime.ort_backend import OrtBackend
+
+    with OrtBackend(tp1, intra_op_threads=1) as b:
+        want = generate_ids(b, [PROMPT], STEPS, eos_ids=())[0]
+    (got,) = _run(tp1, 1, False, tmp_path, tp2, device="cpu")
+    assert got["tokens"] == got["again"] == want
+    assert got["segments"] == 5 and got["allreduce_calls"] == 2 * STEPS * 4  # 2 runs, 4 all-reduces per step
 
 
 # ------------------------------------------------------------------------------------------------ one GPU
