@@ -209,21 +209,13 @@ def partition(model: ir.Model) -> Partition:
 
 
 def _untie_head(model: ir.Model) -> int:
-    """MatMul(h, Transpose(E)) -> FusedMatMul(h, E, transB=1) for a tied head (the dangling Transpose removed)."""
-    from .passes.tied_lm_head import _tied_weight
-    from .passes.weights_nk import replace_with_fused_transb
+    """MatMul(h, Transpose(E)) -> FusedMatMul(h, E, transB=1) for a tied head (graphs/passes/tied_lm_head.py; the
+    Transpose left unused is a constant node no segment needs). Returns the heads rewritten."""
+    from .passes.tied_lm_head import TiedLmHeadPass
 
-    n = 0
-    for node in list(model.graph):
-        w = _tied_weight(node)
-        if w is None:
-            continue
-        transpose = node.inputs[1].producer()
-        replace_with_fused_transb(model, node, w, "tied")
-        if transpose is not None and not any(transpose.outputs[0].uses()):
-            model.graph.remove(transpose, safe=True)
-        n += 1
-    return n
+    rewrite = TiedLmHeadPass()
+    rewrite(model)
+    return rewrite.report.counts.get("FusedMatMul", 0) if rewrite.report else 0
 
 
 def _shared_weights(seg_nodes: list[list[ir.Node]]) -> list[ir.Value]:
