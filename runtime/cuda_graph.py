@@ -21,6 +21,15 @@ def can_capture_generators() -> bool:
     return hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
 
+def _capture_mode() -> str:
+    """"thread_local" when a torch.distributed process group exists: its watchdog thread polls the events of
+    earlier collectives, which a "global" capture would forbid (a captured tensor-parallel step); else torch's
+    default, "global"."""
+    import torch.distributed as dist
+
+    return "thread_local" if dist.is_available() and dist.is_initialized() else "global"
+
+
 class CapturedStep:
     def __init__(self, fn: Callable[[], Any], stream: Any, restore: Sequence[Any] = (),
                  generators: Sequence[Any] = (), warmup: int = 2) -> None:
@@ -39,7 +48,7 @@ class CapturedStep:
         self.graph = torch.cuda.CUDAGraph()
         for g in generators:
             self.graph.register_generator_state(g)
-        with torch.cuda.graph(self.graph, stream=stream):
+        with torch.cuda.graph(self.graph, stream=stream, capture_error_mode=_capture_mode()):
             self.out = fn()
 
     def replay(self) -> Any:

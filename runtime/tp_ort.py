@@ -24,8 +24,8 @@ follow, over two channels:
 A decode step on rank 0 is broadcast(message) -> segments and all-reduces -> sampler -> input advance, all on
 the device: the host never waits, so the whole step can be captured as one CUDA graph (``OrtOptions(
 cuda_graph=True)``, ort-gqa-static at fp16/bf16) and replayed. A follower's step is its segments and
-all-reduces, then the receive of rank 0's next message (captured as one CUDA graph after its first decode step
-when cuda_graph is on); its host reads the go row between steps (it waits for the broadcast; rank 0's host
+all-reduces, then the receive of rank 0's next message (captured as one CUDA graph after two eager decode
+steps when cuda_graph is on); its host reads the go row between steps (it waits for the broadcast; rank 0's host
 never does). Every rank feeds the model rank 0's tokens by construction. Followers skip the trailing segment
 that only computes logits (the replicated lm_head) and never sample. One state at a time: followers decode
 the state rank 0 allocated last.
@@ -399,12 +399,12 @@ class TpOrtBackend(Backend):
         """Decode steps until rank 0 leaves the decode loop. A step runs the segments, then receives rank 0's next
         [5, B] message on the device (the same order of collectives as rank 0's: message, segments, message, ...);
         the host reads its go row before the next step. With cuda_graph, the step (segments, all-reduces, the
-        receive) is captured after one eager step and replayed."""
+        receive) is captured after two eager steps and replayed."""
         h: TpHandles = state.handles
         self._receive_step(h)
         steps = 0
         while int(h.message[GO_ROW, 0]):  # this rank's host waits for the message; rank 0's never does
-            if self.cuda_graph and steps >= 1 and h.graph is None:  # the first step ran eagerly: warmed up
+            if self.cuda_graph and steps >= 2 and h.graph is None:  # two eager steps warmed ORT's arena up
                 from .cuda_graph import CapturedStep
 
                 h.graph = CapturedStep(lambda: self._follower_step(h), self.stream, warmup=0)
