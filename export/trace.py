@@ -69,11 +69,36 @@ def step_export_args(model: Decoder, max_batch: int, max_seq: int, logits: Liter
 
 @lru_cache(maxsize=None)
 def onnx_registry(opset: int):
-    """torch.onnx's table of ATen -> ONNX functions, built once per process (the exporter only reads it)."""
-    from torch.onnx._internal.exporter import _registration
+    """torch.onnx's table of ATen -> ONNX functions, built once per process (the exporter only reads it).
 
+    The same entries, in the same order, as ``ONNXRegistry.from_torchlib(opset_version=opset)`` (the test compares
+    them), without the step of onnxscript's ``get_torchlib_ops`` that parses the source of every traced torchlib
+    function (~500) only to read a ``domain`` that the registry never uses: about 1 s of CPU per process."""
+    from onnxscript.function_libs.torch_lib import ops  # noqa: F401 - importing it registers torchlib's functions
+    from onnxscript.function_libs.torch_lib.registration import default_registry
+    from torch.onnx._internal.exporter import _registration
+    from torch.onnx._internal.exporter._torchlib import _torchlib_registry
+
+    registry = _registration.ONNXRegistry()
+    registry._opset_version = opset
     with _quiet_torch_onnx():
-        return _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+        for meta in _torchlib_registry.get_torchlib_ops():
+            registry._register(meta.fx_target, meta)
+        for name, functions in default_registry.items():
+            if name.startswith("internal::"):
+                continue
+            for function, is_complex in [*((f, False) for f in functions.overloads),
+                                         *((f, True) for f in functions.complex)]:
+                try:  # as from_torchlib: a function that fails to register is skipped, not fatal
+                    target = _registration._get_overload(name)
+                    if target is not None:
+                        registry._register(target, _registration.OnnxDecompMeta(
+                            onnx_function=function, fx_target=target, signature=None, is_custom=False,
+                            is_complex=is_complex))
+                except Exception:  # noqa: BLE001
+                    logging.getLogger(__name__).exception("torchlib function %s not registered", name)
+    registry._cleanup_registry_based_on_opset_version()
+    return registry
 
 
 class _quiet_torch_onnx:

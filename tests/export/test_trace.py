@@ -25,3 +25,17 @@ def test_trace_equals_torch_onnx_export_and_builds_the_registry_once():
                                       verbose=False, **shapes_and_names)
     reference.model.ir_version = IR_VERSION
     assert reference.model_proto.SerializeToString() == ours[0]
+
+
+def test_registry_has_torch_onnx_entries_in_its_order():
+    from torch.onnx._internal.exporter import _registration
+
+    def entries(registry):
+        return {k: [(m.onnx_function, m.fx_target, m.is_complex, m.is_custom, m.signature) for m in v]
+                for k, v in registry.functions.items()}
+
+    reference = _registration.ONNXRegistry.from_torchlib(opset_version=ONNX_OPSET)
+    ours = onnx_registry(ONNX_OPSET)
+    assert ours.opset_version == reference.opset_version
+    assert list(ours.functions) == list(reference.functions)
+    assert entries(ours) == entries(reference)
