@@ -28,7 +28,8 @@ from .ops import ONNX_OPSET
 from .sharding import check_tp
 from .tokenizer import copy_tokenizer, write_tiny_tokenizer
 from .trace_cache import cached_step_graph
-from .weights import (WeightSource, WeightSpec, bind_weights, open_source, prefetched, rank_weights, template_model,
+from .template import template_model
+from .weights import (WeightSource, WeightSpec, bind_weights, open_source, prefetched, rank_weights,
                       weight_specs)
 
 if TYPE_CHECKING:  # onnx_ir, torch.onnx and graphs/ load when a trace is needed, not on a trace-cache hit
@@ -130,8 +131,8 @@ def _serialized(model: ir.Model) -> tuple[onnx.ModelProto, list[WeightSpec]]:
 
 
 def _traced(config: ModelConfig, options: ExportOptions, layers: list[int]) -> ir.Model:
-    """A trace of config's `layers` (named layers 0..n-1) with random distinct weights, its initializers bound
-    to parameter names."""
+    """A trace of config's `layers` (named layers 0..n-1) with distinct untouched weights (export/template.py),
+    its initializers bound to parameter names."""
     from .trace import trace
 
     template = template_model(config, layers, options.dtype, options.max_seq, options.tp)

@@ -1,10 +1,10 @@
 """Where each ONNX initializer's bytes come from, and the per-rank stream of those bytes.
 
-The step graph is traced on a template model (export/trace.py: a few layers with random weights of the real
-shapes), so its initializers hold the template's values. ``bind_weights`` finds, by value, which template
-parameter (as stored, or transposed: torch.onnx folds the Linear's weight transpose) each initializer is, renames
-it ``model.{param}`` or ``model.{param}.T`` and takes it out of the graph: it becomes a weight reference that
-the writer (export/onnx_writer.py) fills from the real source. The rotary tables and shape constants stay.
+The step graph is traced on a template model (export/template.py: a few layers of the real shapes, weights that
+are zero pages but for a few distinct values each), so its initializers hold the template's values.
+``bind_weights`` finds, by value, which template parameter (as stored, or transposed: torch.onnx folds the
+Linear's weight transpose) each initializer is, renames it ``model.{param}`` or ``model.{param}.T`` and takes it
+out of the graph: it becomes a weight reference that the writer (export/onnx_writer.py) fills from the real source. The rotary tables and shape constants stay.
 
 ``rank_weights`` then yields, per rank, each weight reference with its tensor, read from the source one layer at
 a time and sliced for tensor parallelism by export/sharding.py's own rules (a layer of the source is read once
@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from ..dtypes import DTYPES, from_safetensors, precision
-from .checkpoint import (CheckpointError, _empty, _safetensors_files, from_checkpoint, fused_tensors, hf_name_map,
+from .checkpoint import (CheckpointError, _safetensors_files, from_checkpoint, fused_tensors, hf_name_map,
                          random_parameters)
 from .config import ModelConfig
 from .model import Decoder, DecoderLayer
@@ -340,19 +340,3 @@ def _sharded_layer(source: WeightSource, config: ModelConfig, i: int, tp: int) -
 
 def _one_layer(config: ModelConfig) -> ModelConfig:
     return config.select_layers([0])
-
-
-def template_model(config: ModelConfig, layers: int | list[int], dtype: str, rope_positions: int, tp: int
-                   ) -> Decoder:
-    """The model to trace: config's first `layers` layers (or those listed: their kinds, window and RoPE) with
-    the real shapes, random distinct weights, rank 0's slices."""
-    chosen = list(range(layers)) if isinstance(layers, int) else layers
-    model = _empty(config.select_layers(chosen), dtype, rope_positions)
-    gen = torch.Generator().manual_seed(0x5EED)
-    with torch.no_grad():
-        for p in model.parameters():  # values only tell the parameters apart (bind_weights): uniform is cheapest
-            p.uniform_(-1.0, 1.0, generator=gen)
-    model.eval()
-    if tp > 1:
-        shard(model, 0, tp)
-    return model

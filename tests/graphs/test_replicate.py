@@ -15,7 +15,8 @@ from decodekit.export.checkpoint import random_model
 from decodekit.export.config import preset
 from decodekit.export.sharding import shard
 from decodekit.export.trace import trace
-from decodekit.export.weights import bind_weights, template_model
+from decodekit.export.template import template_model
+from decodekit.export.weights import bind_weights
 from decodekit.graphs.replicate import TEMPLATE_LAYERS, LayerStructureError, node_layer, replicate_layers
 from helpers import build_hf_checkpoint
 
