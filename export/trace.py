@@ -38,14 +38,21 @@ def trace(model: Decoder, max_batch: int, max_seq: int, logits: Literal["all", "
     step, example, shapes_and_names = step_export_args(model, max_batch, max_seq, logits)
     with warnings.catch_warnings(), _quiet_torch_onnx(), torch.no_grad():
         warnings.simplefilter("ignore")
-        from torch.onnx._internal.exporter import _core
+        try:
+            from torch.onnx._internal.exporter import _core
 
-        # torch.onnx.export(..., dynamo=True) minus its per-call registry build (torchlib's ~600 functions: about
-        # 1 s of CPU each call); for an nn.Module with torch.export Dims it does nothing else around this call but
-        # name the dynamic axes after the Dims (tests/export/test_trace.py compares the bytes with its output)
-        program = _core.export(step, example, registry=onnx_registry(ONNX_OPSET), optimize=True, verbose=False,
-                               opset_version=ONNX_OPSET, **shapes_and_names)
-        program._rename_dynamic_axes(shapes_and_names["dynamic_shapes"])
+            registry = onnx_registry(ONNX_OPSET)
+            rename = torch.onnx.ONNXProgram._rename_dynamic_axes
+        except (ImportError, AttributeError):  # a torch whose exporter internals differ (the range is 2.9-2.13)
+            program = torch.onnx.export(step, example, dynamo=True, opset_version=ONNX_OPSET, optimize=True,
+                                        verbose=False, **shapes_and_names)
+        else:
+            # torch.onnx.export(..., dynamo=True) minus its per-call registry build (torchlib's ~600 functions:
+            # about 1 s of CPU each call); for an nn.Module with torch.export Dims it does nothing else around this
+            # call but name the dynamic axes after the Dims (tests/export/test_trace.py compares the bytes)
+            program = _core.export(step, example, registry=registry, optimize=True, verbose=False,
+                                   opset_version=ONNX_OPSET, **shapes_and_names)
+            rename(program, shapes_and_names["dynamic_shapes"])
     program.model.ir_version = IR_VERSION
     return program
 
